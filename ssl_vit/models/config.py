@@ -1,0 +1,25 @@
+"""The `model.*` config group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    # A backbone name from `ssl_vit.models.list_backbones()` (timm's names plus small-image sizes).
+    name: str = "vit_nano_patch4_32"
+    # None: take the image size from `data.image_size`.
+    img_size: Optional[int] = None
+    # None: the size's own patch size (the number in its name).
+    patch_size: Optional[int] = None
+    # "learn": learned position embeddings (ViT, DeiT); "sincos": fixed 2-D sin-cos (MAE).
+    pos_embed: Literal["learn", "sincos"] = "learn"
+    # "token": class token; "avg": average of patch tokens (+ fc_norm), MAE's fine-tune choice.
+    global_pool: Literal["token", "avg"] = "token"
+    drop_path_rate: float = 0.0
+    # Start from these weights (a backbone.safetensors, a timm/MAE/DeiT checkpoint), or None.
+    checkpoint: Optional[str] = None
+    # Any other keyword of timm's VisionTransformer (embed_dim, depth, num_heads, mlp_ratio, ...).
+    args: dict = field(default_factory=dict)

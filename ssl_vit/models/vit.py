@@ -1,0 +1,227 @@
+"""The one ViT backbone every objective trains: timm's VisionTransformer plus what pretraining needs.
+
+Additions over timm, all key-compatible with timm's state dicts:
+- `forward_features(x, ids_keep)`: only the kept patch tokens (plus class / distillation tokens) go
+  through the blocks, which is how MAE encodes the visible patches alone;
+- an optional distillation token and head (DeiT), the same layout as timm's VisionTransformerDistilled;
+- fixed 2-D sin-cos position embeddings (MAE) as an alternative to learned ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+
+__all__ = ["ViT", "adapt_state_dict", "load_weights", "sincos_pos_embed_2d", "WeightsMismatchError"]
+
+
+class WeightsMismatchError(ValueError):
+    """A checkpoint that does not fit the backbone: the message lists the keys that differ."""
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE), zeros for prefix tokens: (1, prefix + H*W, D)."""
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need embed_dim divisible by 4, got {embed_dim}")
+    gh, gw = grid_size
+    # Half of the channels encode the row, half the column (as MAE's get_2d_sincos_pos_embed).
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(gw, dtype=torch.float64), torch.arange(gh, dtype=torch.float64), indexing="xy"
+    )
+
+    def one_axis(pos: torch.Tensor, dim: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)  # (H*W, dim/2)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    # MAE builds the grid as meshgrid(w, h) and encodes grid[0] (w) first.
+    emb = torch.cat([one_axis(grid_w, embed_dim // 2), one_axis(grid_h, embed_dim // 2)], dim=1)
+    emb = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+class ViT(VisionTransformer):
+    """timm's VisionTransformer with MAE's visible-token encoding and DeiT's distillation token.
+
+    Args beyond timm's: `distilled` adds `dist_token` and `head_dist` (timm's
+    `deit_*_distilled_*` layout); `pos_embed="sincos"` stores fixed sin-cos values in the usual
+    `pos_embed` parameter with `requires_grad=False`.
+    """
+
+    def __init__(self, *, distilled: bool = False, pos_embed: str = "learn", **kwargs: Any) -> None:
+        if kwargs.get("reg_tokens", 0) or kwargs.get("dynamic_img_size", False):
+            raise ValueError("ssl_vit's backbone supports neither register tokens nor dynamic image sizes.")
+        if pos_embed not in ("learn", "sincos"):
+            raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
+        if distilled and kwargs.get("global_pool", "token") != "token":
+            raise ValueError("a distilled backbone reads the class and distillation tokens: use global_pool='token'.")
+        weight_init = kwargs.pop("weight_init", "")
+        super().__init__(pos_embed="learn", weight_init="skip" if distilled else weight_init, **kwargs)
+        self.distilled = distilled
+        self.pos_embed_type = pos_embed
+        if distilled:
+            self.num_prefix_tokens = 2
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            self.pos_embed = nn.Parameter(
+                torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, self.embed_dim)
+            )
+            self.head_dist = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+            trunc_normal_(self.dist_token, std=0.02)
+            self.weight_init_mode = weight_init  # timm's deit initialises after adding the token
+            if weight_init != "skip":
+                self.init_weights(needs_reset=False)
+        if pos_embed == "sincos":
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed_2d(self.embed_dim, self.patch_embed.grid_size, prefix))
+            self.pos_embed.requires_grad_(False)
+        for block in self.blocks:  # always the fused kernel (F.scaled_dot_product_attention)
+            block.attn.fused_attn = True
+        self.spec: dict[str, Any] = {}  # name + overrides, filled by create_backbone
+
+    # -- description ---------------------------------------------------------------------------
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    def timm_spec(self) -> tuple[str, dict[str, Any]]:
+        """(timm model name, kwargs) that build timm's own class with this architecture."""
+        from ssl_vit.models.registry import timm_spec_for
+
+        return timm_spec_for(self.spec)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.distilled:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """Patch tokens + positions, kept patches only, prefix tokens in front: (B, P + K, D)."""
+        x = self.patch_embed(x)  # (B, N, D)
+        prefix_pos = None
+        if self.no_embed_class:
+            x = x + self.pos_embed
+        else:
+            prefix_pos = self.pos_embed[:, : self.num_prefix_tokens]
+            x = x + self.pos_embed[:, self.num_prefix_tokens :]
+        if ids_keep is not None:  # gather once: (B, K, D)
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        prefix = [self.cls_token] if self.cls_token is not None else []
+        if self.distilled:
+            prefix.append(self.dist_token)
+        if prefix:
+            tokens = torch.cat(prefix, dim=1)  # (1, P, D)
+            if prefix_pos is not None:
+                tokens = tokens + prefix_pos
+            x = torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens after the final norm: (B, P + N, D), or (B, P + K, D) for `ids_keep` of shape (B, K)."""
+        x = self._embed(x, ids_keep)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_distill_heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class-head logits, distillation-head logits) of a distilled backbone."""
+        if not self.distilled:
+            raise RuntimeError("forward_distill_heads needs a backbone built with a distillation token.")
+        cls_tok = self.head_drop(feats[:, 0])
+        dist_tok = self.head_drop(feats[:, 1])
+        return self.head(cls_tok), self.head_dist(dist_tok)
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.distilled:
+            return super().forward_head(feats, pre_logits=pre_logits)
+        # As timm's deit: inference averages the two heads (and the two tokens for features).
+        if pre_logits:
+            return (self.head_drop(feats[:, 0]) + self.head_drop(feats[:, 1])) / 2
+        logits, logits_dist = self.forward_distill_heads(feats)
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading weights
+
+
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: ViT) -> dict[str, torch.Tensor]:
+    """Resize `pos_embed` (bicubic over the patch grid, prefix tokens kept) to the model's grid."""
+    state_dict = dict(state_dict)
+    pos = state_dict.get("pos_embed")
+    if pos is None or pos.shape == model.pos_embed.shape:
+        return state_dict
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    old_tokens = pos.shape[1] - prefix
+    side = int(math.isqrt(old_tokens))
+    if side * side != old_tokens:
+        raise WeightsMismatchError(
+            f"checkpoint pos_embed has {pos.shape[1]} tokens, which is not {prefix} prefix tokens plus a "
+            f"square grid: was it saved by a backbone with another number of prefix tokens?"
+        )
+    state_dict["pos_embed"] = resample_abs_pos_embed(
+        pos.float(),
+        new_size=list(model.patch_embed.grid_size),
+        old_size=[side, side],
+        num_prefix_tokens=prefix,
+        interpolation="bicubic",
+        antialias=True,
+    ).to(pos.dtype)
+    return state_dict
+
+
+def load_weights(
+    model: ViT, state_dict: dict[str, torch.Tensor], *, strict: bool = True, skip_head: bool = False
+) -> ViT:
+    """Load timm-keyed weights, resizing position embeddings; a mismatch lists the keys that differ."""
+    state_dict = adapt_state_dict(state_dict, model)
+    own = model.state_dict()
+    if skip_head:
+        head_keys = {k for k in list(own) + list(state_dict) if k.startswith(("head.", "head_dist."))}
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
+        own = {k: v for k, v in own.items() if k not in head_keys}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if state_dict[k].shape != own[k].shape
+    )
+    if wrong_shape or (strict and (missing or unexpected)):
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12})" if len(keys) > 12 else "") or "none"
+
+        raise WeightsMismatchError(
+            f"checkpoint does not fit backbone '{model.spec.get('name', type(model).__name__)}': "
+            f"missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
+            f"wrong shapes: {show(wrong_shape)}. Build the backbone the checkpoint was trained with "
+            f"(model.name and model.args), or convert the checkpoint with tools/convert.py."
+        )
+    model.load_state_dict(state_dict, strict=not skip_head and strict)
+    return model
