@@ -72,6 +72,8 @@ def _build_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     parsed = _parse(name)
     kwargs: dict[str, Any] = dict(SIZES[parsed["size"]])
     kwargs.update(patch_size=parsed["patch_size"], img_size=parsed["img_size"], distilled=parsed["distilled"])
+    if name in _TIMM_NATIVE:  # timm's default head for that name (ViT-H/14 ships without one)
+        kwargs["num_classes"] = _timm_default_classes(name)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     img, patch = kwargs["img_size"], kwargs["patch_size"]
     if img % patch:
@@ -82,6 +84,13 @@ def _build_kwargs(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if img < patch:
         raise ValueError(f"image size {img} is smaller than the patch size {patch}: use larger images.")
     return kwargs
+
+
+def _timm_default_classes(name: str) -> int:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return cfg.num_classes if cfg is not None and cfg.num_classes is not None else 1000
 
 
 def create_backbone(name: str, **overrides: Any) -> ViT:
