@@ -45,5 +45,9 @@ class DistillConfig:
     type: Literal["hard", "soft", "none"] = "hard"
     alpha: float = 0.5
     tau: float = 1.0
-    # A timm model name (e.g. "resnet18") or a checkpoint directory/file written by the supervised recipe.
+    # A checkpoint directory/file written by the supervised recipe (any architecture), or a timm model
+    # name with published weights (downloaded once, e.g. "regnety_160.deit_in1k" as in the paper).
     teacher: Optional[str] = None
+    # A supervised-recipe YAML: when `teacher` is a directory without a checkpoint, recipes/deit_pretrain.py
+    # first trains the teacher with it there (on this run's data.* settings), so no download is needed.
+    train_teacher: Optional[str] = None
