@@ -214,10 +214,14 @@ class MAE(nn.Module):
         return recon, pix_mask
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, torch.Tensor], max_images: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    def visualize(
+        self, batch: dict[str, torch.Tensor], max_images: int = 8, seed: int = 0, min_tile: int = 64
+    ) -> dict[str, torch.Tensor]:
         """A grid, one row per image: original | masked | reconstruction | reconstruction + visible patches.
 
         Masks come from `batch['noise']` or a fixed seed, so grids logged at different epochs compare.
+        Tiles smaller than `min_tile` pixels are enlarged by an integer factor (nearest), so 32x32
+        images stay legible in TensorBoard.
         Returns {"mae_reconstruction": (3, H', W') in [0, 1]}.
         """
         from torchvision.utils import make_grid
@@ -238,8 +242,11 @@ class MAE(nn.Module):
         recon = self._to_unit(recon)
         masked = original * (1 - pix_mask) + 0.5 * pix_mask  # masked patches grey
         pasted = original * (1 - pix_mask) + recon * pix_mask
-        rows = torch.stack([original, masked, recon, pasted], dim=1)  # (B, 4, 3, H, W)
-        grid = make_grid(rows.flatten(0, 1).cpu(), nrow=4, padding=1, pad_value=1.0)
+        tiles = torch.stack([original, masked, recon, pasted], dim=1).flatten(0, 1).cpu()  # (B*4, 3, H, W)
+        scale = -(-min_tile // max(tiles.shape[-2:]))  # ceil
+        if scale > 1:
+            tiles = tiles.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+        grid = make_grid(tiles, nrow=4, padding=1, pad_value=1.0)
         return {"mae_reconstruction": grid.clamp(0, 1)}
 
     def _to_unit(self, images: torch.Tensor) -> torch.Tensor:

@@ -175,12 +175,13 @@ def test_mae_visualize__grid_of_four_columns_in_unit_range_with_visible_patches_
     x = batch(b=3, noise=False)
     images = mae.visualize(x)
     grid = images["mae_reconstruction"]
-    h = IMG + 1  # make_grid pads 1 pixel between and around tiles
+    side = 4 * IMG  # 16-pixel images are enlarged 4x to reach the 64-pixel minimum tile
+    h = side + 1  # make_grid pads 1 pixel between and around tiles
     assert set(images) == {"mae_reconstruction"}
     assert grid.shape == (3, 3 * h + 1, 4 * h + 1)
     assert grid.min() >= 0 and grid.max() <= 1
     assert mae.training  # restored after visualising in eval mode
-    tile = lambda r, c: grid[:, 1 + r * h : 1 + r * h + IMG, 1 + c * h : 1 + c * h + IMG]  # noqa: E731
+    tile = lambda r, c: grid[:, 1 + r * h : 1 + r * h + side, 1 + c * h : 1 + c * h + side]  # noqa: E731
     # Same fixed seed, same grid (comparable across epochs); pasted == original on visible pixels.
     torch.testing.assert_close(mae.visualize(x)["mae_reconstruction"], grid)
     original, masked, pasted = tile(0, 0), tile(0, 1), tile(0, 3)
