@@ -378,6 +378,9 @@ def to_backbone_state_dict(
             f"(embed_dim / 64); pass num_heads (tools/convert.py --num-heads N) if that is wrong"
         )
     spec = spec_for_arch(arch)
+    exported_spec = (config or {}).get("ssl_vit", {}).get("spec") if fmt == "timm" else None
+    if isinstance(exported_spec, dict) and exported_spec.get("name"):
+        spec = dict(exported_spec)  # written by our export: the exact spec, sin-cos flag included
     meta = {k: v for k, v in (config or {}).items() if not isinstance(v, (dict, list)) or k == "model_args"}
     return sd, ImportInfo(fmt, str(weights), spec, arch, has_decoder, decoder, notes, meta)
 
