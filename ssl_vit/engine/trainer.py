@@ -1,0 +1,612 @@
+"""The one training loop (Accelerate) that every objective, pretraining and fine-tuning, runs through.
+
+Accelerate owns processes, devices and precision; this loop owns the order of things: per-step lr,
+gradient accumulation, clipping, the non-finite guard, EMA, logging, evaluation, images, checkpoints
+and resuming so that a killed and relaunched run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ssl_vit.engine import checkpoint as ckpt
+from ssl_vit.engine.evaluate import classify
+from ssl_vit.engine.optim import EMA, build_optimizer, cosine_schedule, param_groups, scaled_lr
+from ssl_vit.engine.seeding import capture_rng, isolated_rng, mix_seed, restore_rng, seeded_loader, set_loader_epoch
+
+__all__ = ["NonFiniteLossError", "Trainer", "cpu_has_native_bf16", "make_accelerator"]
+
+log = logging.getLogger("ssl_vit.engine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the message names the step and the fix."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def make_accelerator(cfg: Any) -> Any:
+    """An Accelerator for this run: precision, accumulation, TensorBoard under output_dir/tb, seeded shuffling.
+
+    Accelerate keeps one shared state per process; a new run in the same process (tests, a teacher
+    trained before its student) gets a fresh one, so precision and accumulation follow the new config.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    tc = cfg.train
+    AcceleratorState._reset_state()  # keeps the process group (PartialState)
+    GradientState._reset_state()
+    if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 (slow without "
+            "native bf16) or 'no'."
+        )
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum_steps,
+        log_with="tensorboard",
+        project_dir=str(cfg.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=int(cfg.seed)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters)],
+        dynamo_backend="inductor" if tc.compile else None,
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning(
+            "bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): it is emulated and usually much slower "
+            "than fp32. Use train.mixed_precision='no' on this machine; bf16 is for GPUs."
+        )
+    return accelerator
+
+
+def _loader_batch_size(loader: Any, default: int) -> int:
+    size = getattr(loader, "batch_size", None)
+    if size is None and getattr(loader, "batch_sampler", None) is not None:
+        size = getattr(loader.batch_sampler, "batch_size", None)
+    return int(size or default)
+
+
+def _scalars(out: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The objective's scalar outputs (what gets logged), detached."""
+    found = {}
+    for key, value in out.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            found[key] = value.detach().float().reshape(())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[key] = torch.tensor(float(value))
+    return found
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where training is: what a checkpoint records besides tensors."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # batches of the current epoch consumed by each process
+    images_seen: int = 0
+    nonfinite_skipped: int = 0
+    fp16_skipped: int = 0
+    seconds: float = 0.0  # training wall time over all sessions
+
+
+class Trainer:
+    """Train `objective` on `train_loader` with the `train.*` / `optim.*` settings of `cfg`.
+
+    Args:
+        cfg: a PretrainConfig-like dataclass with `output_dir`, `seed`, `train` (TrainConfig), `optim`
+            (OptimConfig); the whole of it is saved in checkpoints and backbone.json.
+        objective: `forward(batch) -> {"loss": scalar, ...}`, with `.backbone`; optional `visualize`.
+        train_loader: dict batches (`pixel_values` (B, 3, H, W), `labels` (B,)); B is per process.
+        eval_loader: labelled batches for top-1/top-5 of `objective.backbone`, or None.
+    """
+
+    def __init__(self, cfg: Any, objective: nn.Module, train_loader: Any, eval_loader: Any = None) -> None:
+        self.cfg = cfg
+        self.tc, self.oc = cfg.train, cfg.optim
+        self.output_dir = Path(cfg.output_dir)
+        self.accelerator = acc = make_accelerator(cfg)
+        self.objective_name = getattr(getattr(cfg, "objective", None), "name", type(objective).__name__)
+        backbone = getattr(objective, "backbone", None)
+        if backbone is None:
+            raise TypeError(f"{type(objective).__name__} has no `.backbone`: the engine exports and evaluates it.")
+        if self.tc.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
+            backbone.set_grad_checkpointing(True)
+        self.fsdp = acc.distributed_type.value == "FSDP"
+        if self.fsdp and self.tc.ema:
+            raise ValueError("train.ema is not supported with FSDP (the EMA would need the full weights): set train.ema=false.")
+
+        self.batch_size = _loader_batch_size(train_loader, self.tc.batch_size)
+        self.effective_batch = self.batch_size * self.tc.grad_accum_steps * acc.num_processes
+        self.peak_lr = scaled_lr(self.oc, self.effective_batch)
+        optimizer = build_optimizer(
+            param_groups(objective, self.oc.weight_decay, self.oc.layer_decay), self.oc, self.peak_lr, acc.device.type
+        )
+        self._vis_batch = self._fixed_batch(eval_loader if eval_loader is not None else train_loader)
+        train_loader = seeded_loader(train_loader, cfg.seed)
+        self.model, self.optimizer, self.train_loader = acc.prepare(objective, optimizer, train_loader)
+        self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+        self.ema = EMA(self.unwrapped, self.tc.ema_decay) if self.tc.ema else None
+
+        try:
+            self.batches_per_epoch: int | None = len(self.train_loader)
+        except TypeError:  # streamed data: no length
+            self.batches_per_epoch = None
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training data gives no batch of {self.batch_size} per process on {acc.num_processes} "
+                f"process(es): lower train.batch_size or use more data."
+            )
+        if self.batches_per_epoch is None:
+            if self.tc.max_steps is None:
+                raise ValueError("streamed training data has no length: set train.max_steps to say how long to train.")
+            self.steps_per_epoch = None
+            self.total_steps = int(self.tc.max_steps)
+        else:
+            self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tc.grad_accum_steps)
+            self.total_steps = self.tc.epochs * self.steps_per_epoch
+            if self.tc.max_steps is not None:
+                self.total_steps = min(self.total_steps, int(self.tc.max_steps))
+        if self.oc.warmup_steps is not None:
+            self.warmup_steps = int(self.oc.warmup_steps)
+        else:
+            self.warmup_steps = round(self.oc.warmup_epochs * (self.steps_per_epoch or 0))
+        self.pos = _Position()
+        self.last_checkpoint: Path | None = None
+        self._last_saved_step = -1
+        self._lr = 0.0
+        self._accounted_at = 0.0
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def lr_at(self, step: int) -> float:
+        return cosine_schedule(
+            step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps, min_lr=self.oc.min_lr
+        )
+
+    def _fixed_batch(self, loader: Any) -> dict[str, torch.Tensor] | None:
+        """A few samples for `visualize`, the same every time (own seed; the global RNG is untouched)."""
+        if loader is None:
+            return None
+        n = min(8, _loader_batch_size(loader, 8))
+        with isolated_rng(mix_seed(self.cfg.seed, 0x715)):
+            dataset = loader.dataset
+            try:
+                samples = [dataset[i] for i in range(min(n, len(dataset)))]
+                return loader.collate_fn(samples)
+            except TypeError:  # iterable data
+                return next(iter(loader))
+
+    def _cuda_devices(self) -> list[int]:
+        return [self.accelerator.device.index or 0] if self.accelerator.device.type == "cuda" else []
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(objective state_dict, optimizer state_dict), full (gathered) copies."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_state_dict(self.model, self.optimizer.optimizer, options=opts)
+        return self.unwrapped.state_dict(), self.optimizer.optimizer.state_dict()
+
+    def _trainer_state(self) -> dict[str, Any]:
+        p = self.pos
+        return {
+            **dataclasses.asdict(p),
+            "world_size": self.accelerator.num_processes,
+            "batch_size": self.batch_size,
+            "grad_accum_steps": self.tc.grad_accum_steps,
+            "effective_batch": self.effective_batch,
+            "total_steps": self.total_steps,
+            "lr": self._lr,
+            "scheduler": {
+                "name": "cosine",
+                "step": p.step,
+                "base_lr": self.peak_lr,
+                "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps,
+                "min_lr": self.oc.min_lr,
+            },
+            "objective": self.objective_name,
+            "mixed_precision": self.accelerator.mixed_precision,
+        }
+
+    def save(self) -> Path:
+        """Write checkpoint-last/ (atomically) and backbone.safetensors; every process must call it."""
+        acc = self.accelerator
+        model_state, optim_state = self._full_states()
+        tmp = ckpt.temp_dir(self.output_dir)
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        main = acc.is_main_process
+        ckpt.write_checkpoint_files(
+            tmp,
+            model_state=model_state if main else None,
+            optimizer_state=optim_state if main else None,
+            scaler_state=acc.scaler.state_dict() if (main and acc.scaler is not None) else None,
+            ema_state=self.ema.state_dict() if (main and self.ema is not None) else None,
+            rng_state=capture_rng(),
+            rank=acc.process_index,
+        )
+        acc.wait_for_everyone()
+        if main:
+            ckpt.swap_in(self.output_dir, self._trainer_state())
+            self._export_backbones(model_state)
+        acc.wait_for_everyone()
+        self.last_checkpoint = self.output_dir / ckpt.CHECKPOINT
+        self._last_saved_step = self.pos.step
+        return self.last_checkpoint
+
+    def _export_backbones(self, model_state: dict[str, torch.Tensor]) -> None:
+        from ssl_vit.config import config_to_dict
+
+        backbone = self.unwrapped.backbone
+        meta = dict(
+            objective=self.objective_name,
+            step=self.pos.step,
+            epoch=self.pos.epoch,
+            images_seen=self.pos.images_seen,
+            config=config_to_dict(self.cfg),
+        )
+
+        def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+
+        ckpt.save_backbone(backbone, self.output_dir / "backbone.safetensors", state_dict=backbone_part(model_state), **meta)
+        if self.ema is not None:
+            ckpt.save_backbone(
+                backbone, self.output_dir / "backbone_ema.safetensors", state_dict=backbone_part(self.ema.state_dict()),
+                ema_decay=self.tc.ema_decay, **meta,
+            )
+
+    def _resume_source(self) -> Path | None:
+        resume = self.tc.resume
+        if resume is None or str(resume).lower() in ("never", "none", "false", ""):
+            return None
+        if str(resume) == "auto":
+            last = self.output_dir / ckpt.CHECKPOINT
+            return last if ckpt.is_complete(last) else None
+        path = Path(resume)
+        if (path / ckpt.CHECKPOINT).is_dir():
+            path = path / ckpt.CHECKPOINT
+        if not ckpt.is_complete(path):
+            raise ckpt.CheckpointError(
+                f"train.resume={resume}: no complete checkpoint there (a checkpoint-last folder with "
+                f"trainer_state.json). Use train.resume=auto or never."
+            )
+        return path
+
+    def load(self, folder: Path) -> None:
+        """Restore model, optimizer, scaler, EMA, random states and data position from `folder`."""
+        acc = self.accelerator
+        state = ckpt.read_trainer_state(folder)
+        model_state = ckpt.read_model_state(folder)
+        optim_state = ckpt.read_optional(folder, "optimizer.pt")
+        try:
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+                set_state_dict(
+                    self.model, self.optimizer.optimizer, model_state_dict=model_state,
+                    optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True),
+                )
+            else:
+                self.unwrapped.load_state_dict(model_state)
+                if optim_state is not None:
+                    self.optimizer.load_state_dict(optim_state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} does not fit this run ({err}). Was it written with another objective, "
+                f"model or optimizer? Use another output_dir, or train.resume=never to start afresh there."
+            ) from None
+        scaler_state = ckpt.read_optional(folder, "scaler.pt")
+        if acc.scaler is not None and scaler_state is not None:
+            acc.scaler.load_state_dict(scaler_state)
+        if self.ema is not None:
+            ema_state = ckpt.read_optional(folder, "ema.safetensors")
+            if ema_state is None:
+                log.warning("%s has no EMA weights: the EMA restarts from the current weights.", folder)
+                self.ema = EMA(self.unwrapped, self.tc.ema_decay)
+            else:
+                self.ema.load_state_dict({k: v.to(acc.device) for k, v in ema_state.items()})
+        fields = {f.name for f in dataclasses.fields(_Position)}
+        self.pos = _Position(**{k: v for k, v in state.items() if k in fields})
+        same_layout = state.get("world_size") == acc.num_processes and state.get("batch_size") == self.batch_size
+        if not same_layout:
+            # Same place in the data, counted in the new batches; the random streams cannot carry over.
+            consumed = self.pos.batch_in_epoch * state.get("batch_size", self.batch_size) * state.get("world_size", 1)
+            self.pos.batch_in_epoch = consumed // (self.batch_size * acc.num_processes)
+            log.warning(
+                "resuming with %d process(es) x batch %d (checkpoint: %s x %s): training continues, but not "
+                "bit-for-bit as an uninterrupted run would.",
+                acc.num_processes, self.batch_size, state.get("world_size"), state.get("batch_size"),
+            )
+        rng = ckpt.read_rng(folder, acc.process_index) if same_layout else None
+        if rng is not None:
+            restore_rng(rng)
+        else:
+            self._seed(mix_seed(self.cfg.seed, self.pos.step))
+        self.last_checkpoint = folder
+        self._last_saved_step = self.pos.step
+
+    def _seed(self, seed: int) -> None:
+        from accelerate.utils import set_seed
+
+        set_seed(seed % (1 << 31), device_specific=True)
+
+    # -- evaluation and images -------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Top-1/top-5 of the backbone on the eval loader (None without labels or a classifier head)."""
+        backbone = self.unwrapped.backbone
+        if self.eval_loader is None or getattr(backbone, "num_classes", 0) <= 0:
+            return None
+        if self.fsdp:
+            log.warning("no evaluation during FSDP training: evaluate the exported backbone with the eval recipes.")
+            return None
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            return classify(backbone, self.eval_loader, self.accelerator)
+
+    def visualize(self, save_png: bool) -> list[Path]:
+        """Log `objective.visualize(fixed batch)` images to TensorBoard; at the end also as PNG files."""
+        acc = self.accelerator
+        objective = self.unwrapped
+        if self._vis_batch is None or not hasattr(objective, "visualize") or not acc.is_main_process or self.fsdp:
+            return []
+        from accelerate.utils import send_to_device
+
+        was_training = objective.training
+        objective.eval()
+        try:
+            with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), acc.autocast():
+                images = objective.visualize(send_to_device(self._vis_batch, acc.device))
+        finally:
+            objective.train(was_training)
+        writer = acc.get_tracker("tensorboard", unwrap=True)
+        written = []
+        for name, image in images.items():
+            image = image.detach().float().clamp(0, 1).cpu()  # (3, H, W)
+            writer.add_image(f"vis/{name}", image, global_step=self.pos.step)
+            if save_png:
+                from PIL import Image
+
+                path = self.output_dir / f"{name}.png"
+                array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+                Image.fromarray(array).save(path)
+                written.append(path)
+        return written
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.recover(self.output_dir)
+        acc.wait_for_everyone()
+        source = self._resume_source()
+        if source is not None:
+            self.load(source)
+            if acc.is_main_process:
+                log.info("resuming from %s at step %d (epoch %d, batch %d)", source, self.pos.step, self.pos.epoch, self.pos.batch_in_epoch)
+        else:
+            if acc.is_main_process and (self.output_dir / ckpt.CHECKPOINT).exists():
+                log.warning("train.resume=%s: starting afresh; %s/%s will be replaced.", self.tc.resume, self.output_dir, ckpt.CHECKPOINT)
+            self._seed(mix_seed(self.cfg.seed, 1))
+        if acc.is_main_process:
+            from ssl_vit.config import save_config
+
+            save_config(self.cfg, self.output_dir / "config.yaml")
+        acc.init_trackers("tb")
+
+    def _epoch_loader(self) -> Any:
+        set_loader_epoch(self.train_loader, self.pos.epoch)
+        loader = self.train_loader
+        if self.pos.batch_in_epoch:
+            loader = self.accelerator.skip_first_batches(self.train_loader, self.pos.batch_in_epoch)
+            set_loader_epoch(loader, self.pos.epoch)
+        return loader
+
+    def _nonfinite_message(self, what: str) -> str:
+        kept = f"the last good checkpoint, {self.last_checkpoint} (step {self._last_saved_step}), is kept intact" if self.last_checkpoint else "no checkpoint was written yet"
+        return (
+            f"non-finite {what} at step {self.pos.step + 1} (epoch {self.pos.epoch}, batch {self.pos.batch_in_epoch}); "
+            f"{kept}. Fixes: a lower optim.blr / optim.lr, longer optim.warmup_epochs, train.clip_grad=1.0, "
+            f"bf16 instead of fp16, or train.skip_nonfinite=true to skip such steps."
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train until train.epochs or train.max_steps, whichever comes first; returns the run's summary."""
+        from tqdm.auto import tqdm
+
+        acc, tc = self.accelerator, self.tc
+        self._begin()
+        pos = self.pos
+        fp16 = acc.mixed_precision == "fp16"
+        max_norm = tc.clip_grad if tc.clip_grad is not None else float("inf")
+        images_per_batch = self.batch_size * acc.num_processes
+        session_start, session_images, start_step = time.perf_counter(), 0, pos.step
+        self._accounted_at = session_start
+        window: dict[str, torch.Tensor] = {}
+        window_n, window_norm, window_norm_n = 0, 0.0, 0
+        window_t, window_images = time.perf_counter(), 0
+        last_metrics: dict[str, float] = {}
+        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_local_main_process, desc="train", dynamic_ncols=True)
+
+        def epochs_left() -> bool:
+            return self.steps_per_epoch is None or pos.epoch < tc.epochs
+
+        try:
+            while pos.step < self.total_steps and epochs_left():
+                group: dict[str, torch.Tensor] = {}
+                group_n = 0
+                bad = torch.zeros((), device=acc.device)
+                finished_epoch = True
+                for batch in self._epoch_loader():
+                    with acc.accumulate(self.model):
+                        out = self.model(batch)
+                        loss = out["loss"]
+                        acc.backward(loss)
+                        bad = bad + (~torch.isfinite(loss.detach())).float()
+                        for key, value in _scalars(out).items():
+                            group[key] = group[key] + value if key in group else value
+                        group_n += 1
+                        pos.batch_in_epoch += 1
+                        pos.images_seen += images_per_batch
+                        session_images += images_per_batch
+                        window_images += images_per_batch
+                        if not acc.sync_gradients:
+                            continue
+                        self._lr = self.lr_at(pos.step)
+                        for g in self.optimizer.param_groups:
+                            g["lr"] = self._lr * g.get("lr_scale", 1.0)
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                        grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
+                        flags = torch.stack([bad, (~torch.isfinite(grad_norm)).float()])
+                        loss_bad, norm_bad = (acc.reduce(flags, reduction="sum") > 0).tolist()
+                        # fp16: an infinite gradient is the loss scaler's business (it skips and rescales).
+                        if loss_bad or (norm_bad and not fp16):
+                            if not tc.skip_nonfinite:
+                                raise NonFiniteLossError(self._nonfinite_message("loss" if loss_bad else "gradient norm"))
+                            self.optimizer.zero_grad(set_to_none=True)
+                            pos.nonfinite_skipped += 1
+                        else:
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                            if fp16 and acc.optimizer_step_was_skipped:
+                                pos.fp16_skipped += 1
+                            elif self.ema is not None:
+                                self.ema.update(self.unwrapped)
+                            for key, value in group.items():
+                                window[key] = window[key] + value if key in window else value
+                            window_n += group_n
+                            if not norm_bad:
+                                window_norm += float(grad_norm)
+                                window_norm_n += 1
+                        group, group_n, bad = {}, 0, torch.zeros((), device=acc.device)
+                        pos.step += 1
+                        bar.update(1)
+
+                        if pos.step % max(1, tc.log_every) == 0 or pos.step == self.total_steps:
+                            last_metrics = self._log(window, window_n, window_norm, window_norm_n, window_images, time.perf_counter() - window_t)
+                            bar.set_postfix(loss=f"{last_metrics.get('train/loss', float('nan')):.4g}", img_s=f"{last_metrics['train/images_per_sec']:.0f}")
+                            window, window_n, window_norm, window_norm_n = {}, 0, 0.0, 0
+                            window_t, window_images = time.perf_counter(), 0
+                        if tc.save_every and pos.step % tc.save_every == 0:
+                            self._account_time(session_start)
+                            self.save()
+                        if pos.step >= self.total_steps:
+                            finished_epoch = self.batches_per_epoch is not None and pos.batch_in_epoch >= self.batches_per_epoch
+                            break
+                if not finished_epoch:
+                    break
+                pos.epoch += 1
+                pos.batch_in_epoch = 0
+                self._epoch_end()
+        finally:
+            bar.close()
+
+        self._account_time(session_start)
+        if pos.step != self._last_saved_step:
+            self.save()
+        result = self.evaluate()
+        pngs = self.visualize(save_png=True)
+        seconds = time.perf_counter() - session_start
+        summary: dict[str, Any] = {
+            "output_dir": str(self.output_dir),
+            "steps": pos.step,
+            "epochs": pos.epoch,
+            "images_seen": pos.images_seen,
+            "seconds": round(seconds, 3),
+            "images_per_sec": session_images / seconds if seconds > 0 and pos.step > start_step else 0.0,
+            "loss": last_metrics.get("train/loss"),
+            "nonfinite_skipped": pos.nonfinite_skipped,
+            "checkpoint": str(self.output_dir / ckpt.CHECKPOINT),
+            "backbone": str(self.output_dir / "backbone.safetensors"),
+            "images": [str(p) for p in pngs],
+        }
+        if result is not None:
+            summary.update(top1=result["top1"], top5=result["top5"])
+            acc.log({"eval/top1": result["top1"], "eval/top5": result["top5"]}, step=pos.step)
+        acc.end_training()
+        if acc.is_main_process:
+            print(self._summary_line(summary), flush=True)
+        return summary
+
+    def _account_time(self, session_start: float) -> None:
+        """Add the time since the last accounting to pos.seconds (kept across resumes)."""
+        now = time.perf_counter()
+        self.pos.seconds += now - max(self._accounted_at, session_start)
+        self._accounted_at = now
+
+    def _epoch_end(self) -> None:
+        epoch = self.pos.epoch  # epochs completed
+        if self.tc.eval_every and epoch % self.tc.eval_every == 0 and epoch < self.tc.epochs:
+            result = self.evaluate()
+            if result is not None:
+                self.accelerator.log({"eval/top1": result["top1"], "eval/top5": result["top5"]}, step=self.pos.step)
+        if self.tc.vis_every and epoch % self.tc.vis_every == 0 and epoch < self.tc.epochs:
+            self.visualize(save_png=False)
+
+    def _log(
+        self, window: dict[str, torch.Tensor], n: int, norm_sum: float, norm_n: int, images: int, seconds: float
+    ) -> dict[str, float]:
+        acc = self.accelerator
+        keys = sorted(window)
+        metrics: dict[str, float] = {}
+        if keys and n:
+            values = acc.reduce(torch.stack([window[k] for k in keys]) / n, reduction="mean")
+            metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
+        metrics.update({
+            "train/lr": self._lr,
+            "train/grad_norm": norm_sum / norm_n if norm_n else float("nan"),
+            "train/images_per_sec": images / seconds if seconds > 0 else 0.0,
+            "train/epoch": self.pos.epoch + (self.pos.batch_in_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0),
+            "train/nonfinite_skipped": float(self.pos.nonfinite_skipped),
+        })
+        if acc.mixed_precision == "fp16":
+            metrics["train/fp16_skipped"] = float(self.pos.fp16_skipped)
+        acc.log(metrics, step=self.pos.step)
+        return metrics
+
+    def _summary_line(self, s: dict[str, Any]) -> str:
+        out = s["output_dir"]
+        loss = f", loss {s['loss']:.4g}" if s.get("loss") is not None else ""
+        evals = f", eval top-1 {s['top1']:.2f}% top-5 {s['top5']:.2f}%" if "top1" in s else ""
+        data = getattr(getattr(self.cfg, "data", None), "name", None)
+        data_arg = f" data.name={data}" if data and data != "synthetic" else ""
+        return (
+            f"[ssl_vit] done: {s['steps']} steps, {s['images_seen']} images, {s['seconds']:.0f} s "
+            f"({s['images_per_sec']:.1f} img/s){loss}{evals}. Outputs in {out}: backbone.safetensors, "
+            f"checkpoint-last/, config.yaml, tb/ (tensorboard --logdir {out}/tb). Next: "
+            f"accelerate launch recipes/linear_probe.py checkpoint={out}{data_arg}"
+        )
