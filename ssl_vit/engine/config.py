@@ -12,6 +12,9 @@ class TrainConfig:
     # None: no step limit. The first of epochs / max_steps reached ends the run (and the lr schedule
     # is laid out over that many optimizer steps).
     max_steps: Optional[int] = None
+    # Stop once training has run this many seconds (wall time over all sessions): an equal-wall-clock
+    # budget (tools/compare.py). The lr schedule still spans epochs / max_steps. None: no time limit.
+    max_seconds: Optional[float] = None
     # Per process; the effective batch is batch_size * grad_accum_steps * num_processes.
     batch_size: int = 64
     grad_accum_steps: int = 1

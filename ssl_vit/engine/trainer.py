@@ -275,6 +275,9 @@ class Trainer:
             step=self.pos.step,
             epoch=self.pos.epoch,
             images_seen=self.pos.images_seen,
+            # Training wall time over all sessions, and its throughput (read by tools/compare.py).
+            seconds=round(self.pos.seconds, 3),
+            images_per_sec=self.pos.images_seen / self.pos.seconds if self.pos.seconds > 0 else 0.0,
             config=config_to_dict(self.cfg),
         )
 
@@ -462,11 +465,13 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_local_main_process, desc="train", dynamic_ncols=True)
 
+        time_up = False
+
         def epochs_left() -> bool:
             return self.steps_per_epoch is None or pos.epoch < tc.epochs
 
         try:
-            while pos.step < self.total_steps and epochs_left():
+            while pos.step < self.total_steps and epochs_left() and not time_up:
                 group: dict[str, torch.Tensor] = {}
                 group_n = 0
                 bad = torch.zeros((), device=acc.device)
@@ -515,8 +520,10 @@ class Trainer:
                         group, group_n, bad = {}, 0, torch.zeros((), device=acc.device)
                         pos.step += 1
                         bar.update(1)
+                        if tc.max_seconds is not None:
+                            time_up = self._time_up(session_start)
 
-                        if pos.step % max(1, tc.log_every) == 0 or pos.step == self.total_steps:
+                        if pos.step % max(1, tc.log_every) == 0 or pos.step == self.total_steps or time_up:
                             last_metrics = self._log(window, window_n, window_norm, window_norm_n, window_images, time.perf_counter() - window_t)
                             bar.set_postfix(loss=f"{last_metrics.get('train/loss', float('nan')):.4g}", img_s=f"{last_metrics['train/images_per_sec']:.0f}")
                             window, window_n, window_norm, window_norm_n = {}, 0, 0.0, 0
@@ -524,7 +531,7 @@ class Trainer:
                         if tc.save_every and pos.step % tc.save_every == 0:
                             self._account_time(session_start)
                             self.save()
-                        if pos.step >= self.total_steps:
+                        if pos.step >= self.total_steps or time_up:
                             finished_epoch = self.batches_per_epoch is not None and pos.batch_in_epoch >= self.batches_per_epoch
                             break
                 if not finished_epoch:
@@ -561,6 +568,12 @@ class Trainer:
         if acc.is_main_process:
             print(self._summary_line(summary), flush=True)
         return summary
+
+    def _time_up(self, session_start: float) -> bool:
+        """train.max_seconds reached (decided together, so every process stops at the same step)."""
+        elapsed = self.pos.seconds + time.perf_counter() - max(self._accounted_at, session_start)
+        flag = torch.tensor(float(elapsed >= self.tc.max_seconds), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
     def _account_time(self, session_start: float) -> None:
         """Add the time since the last accounting to pos.seconds (kept across resumes)."""
