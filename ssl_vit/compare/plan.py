@@ -1,0 +1,564 @@
+"""The comparison plan: what to pretrain, how to evaluate it, under which budget, with which launcher.
+
+A plan is YAML (safe loader) validated like every other config here: an unknown key is an error that
+names the closest valid key, a wrong type names the expected one. `load_plan` returns a `ComparePlan`;
+`resolve_runs` turns it into the list of concrete runs (command lines, output folders, fingerprints).
+
+Fairness by construction: `shared` settings (data, model size, ...) go to every run, each evaluation's
+settings go to every method's evaluation of that protocol, the seeds are the same for every method,
+and the budget gives each pretraining the same images seen (or wall-clock, or epochs). An entry that
+overrides a shared key is allowed but reported in the results (a visible exception, not a silent one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ssl_vit.config import ConfigError, config_from_dict
+
+__all__ = [
+    "BudgetConfig",
+    "ComparePlan",
+    "EvalEntry",
+    "LauncherConfig",
+    "PretrainEntry",
+    "Run",
+    "RECIPES_DIR",
+    "flatten_overrides",
+    "format_value",
+    "load_plan",
+    "plan_from_dict",
+    "resolve_runs",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+PROTOCOLS = ("knn", "linear_probe", "finetune")
+
+
+@dataclass
+class BudgetConfig:
+    """What every pretraining gets: equal images seen, equal wall-clock, equal epochs, or its own config."""
+
+    # "images": train.max_steps = images // (batch_size * grad_accum_steps * num_processes).
+    # "seconds": train.max_seconds = seconds (the run stops at the first step past the limit).
+    # "epochs": train.epochs = epochs. "none": each recipe's own config decides.
+    kind: Literal["images", "seconds", "epochs", "none"] = "none"
+    images: Optional[int] = None
+    seconds: Optional[float] = None
+    epochs: Optional[int] = None
+
+
+@dataclass
+class LauncherConfig:
+    """How each run is started: `python recipes/X.py ...` or `accelerate launch ... recipes/X.py ...`."""
+
+    kind: Literal["python", "accelerate"] = "python"
+    # accelerate only: `--config_file` (made by `accelerate config`) and `--num_processes`.
+    config_file: Optional[str] = None
+    num_processes: Optional[int] = None
+    # More `accelerate launch` arguments, e.g. ["--mixed_precision", "bf16"].
+    args: list[str] = field(default_factory=list)
+    # Stop a run after this many seconds (it is then reported as failed); None: no limit.
+    timeout_s: Optional[float] = None
+
+
+@dataclass
+class PretrainEntry:
+    """One row of the table: a pretraining run, an existing checkpoint, or `checkpoint: random`."""
+
+    name: str = ""
+    # A recipe under recipes/ ("mae_pretrain", "supervised_pretrain", "deit_pretrain", "pretrain") or a
+    # path to a script taking the same arguments.
+    recipe: Optional[str] = None
+    # Shorthand for recipe "pretrain" with objective.name=<objective> (any registered objective).
+    objective: Optional[str] = None
+    # The recipe's YAML; None: the recipe's own default (recipes/configs/<method>_default.yaml).
+    config: Optional[str] = None
+    overrides: dict = field(default_factory=dict)
+    # Instead of pretraining: an existing run's output_dir / checkpoint file, or "random".
+    checkpoint: Optional[str] = None
+    # False: run it (e.g. a DeiT teacher other entries refer to as ${name}) but do not evaluate it.
+    evaluate: bool = True
+
+
+@dataclass
+class EvalEntry:
+    """One column of the table: a protocol with its settings, the same for every method."""
+
+    protocol: Literal["knn", "linear_probe", "finetune"] = "knn"
+    # Column name; None: the protocol. Give names to run one protocol with two settings.
+    name: Optional[str] = None
+    # None: recipes/<protocol>.py.
+    recipe: Optional[str] = None
+    config: Optional[str] = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class ComparePlan:
+    """A whole comparison (see recipes/configs/compare/*.yaml for examples)."""
+
+    name: str = "compare"
+    description: str = ""
+    # Output folder; `tools/compare.py --out DIR` wins. None: outputs/compare/<name>.
+    out: Optional[str] = None
+    # Overrides given to every run, pretraining and evaluation alike (data.*, model.name, ...).
+    shared: dict = field(default_factory=dict)
+    # Overrides given to every pretraining run (after `shared`).
+    pretrain_shared: dict = field(default_factory=dict)
+    # Evaluation seeds, the same for every method (each eval recipe gets seeds=[...]).
+    seeds: list[int] = field(default_factory=lambda: [0])
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    pretrain: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _check_keys(schema: type, data: Any, where: str) -> None:
+    """Unknown keys of a plan mapping -> ConfigError naming the closest valid key and where it is."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}.")
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f", did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(known)}."
+            raise ConfigError(f"{where}: unknown plan key '{key}'{hint}")
+
+
+def _typed(schema: type, data: dict, where: str) -> Any:
+    _check_keys(schema, data, where)
+    for name, tp in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(tp) and data.get(name) is not None:
+            _check_keys(tp, data[name], f"{where}: {name}")
+    try:
+        return config_from_dict(schema, data)
+    except ConfigError as err:
+        # config_from_dict names the key relative to this mapping; say which mapping it is.
+        raise ConfigError(f"{where}: {str(err).split(' Run the recipe')[0]}") from None
+
+
+def plan_from_dict(data: dict, source: str = "plan") -> ComparePlan:
+    """Validate a plan mapping (as read from YAML) into a `ComparePlan` with typed entries."""
+    plan = _typed(ComparePlan, data, source)
+    if not plan.pretrain:
+        raise ConfigError(f"{source}: 'pretrain' lists no entries: add at least one (e.g. '- name: random').")
+    if not plan.evaluations:
+        raise ConfigError(f"{source}: 'evaluations' lists no entries: add e.g. '- protocol: knn'.")
+    if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds):
+        raise ConfigError(f"{source}: 'seeds' must be distinct integers, e.g. [0, 1, 2]; got {plan.seeds}.")
+    plan.pretrain = [_pretrain_entry(e, f"{source}: pretrain[{i}]") for i, e in enumerate(plan.pretrain)]
+    plan.evaluations = [_eval_entry(e, f"{source}: evaluations[{i}]") for i, e in enumerate(plan.evaluations)]
+    _check_names([e.name for e in plan.pretrain], "pretrain", source)
+    _check_names([e.name or e.protocol for e in plan.evaluations], "evaluations", source)
+    _check_budget(plan.budget, source)
+    if plan.launcher.kind == "python" and (plan.launcher.config_file or plan.launcher.num_processes):
+        raise ConfigError(
+            f"{source}: launcher.config_file/num_processes need launcher.kind: accelerate (python runs one process)."
+        )
+    for key in ("shared", "pretrain_shared"):
+        _check_overrides(getattr(plan, key), f"{source}: {key}")
+    return plan
+
+
+def _pretrain_entry(data: Any, where: str) -> PretrainEntry:
+    if isinstance(data, dict) and data.get("name"):
+        where = f"{where} ('{data['name']}')"
+    entry = _typed(PretrainEntry, data, where)
+    if not entry.name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", entry.name):
+        raise ConfigError(f"{where}: 'name' is required (letters, digits, _ . + -), e.g. name: mae.")
+    sources = [k for k in ("recipe", "objective", "checkpoint") if getattr(entry, k) is not None]
+    if len(sources) != 1:
+        raise ConfigError(
+            f"{where}: give exactly one of 'recipe' (e.g. mae_pretrain), 'objective' (e.g. mae) or "
+            f"'checkpoint' (a run folder, a checkpoint file, or random); got {sources or 'none'}."
+        )
+    if entry.checkpoint is not None and (entry.config or entry.overrides):
+        raise ConfigError(f"{where}: a 'checkpoint' entry trains nothing: remove its 'config'/'overrides'.")
+    _check_overrides(entry.overrides, f"{where}.overrides")
+    return entry
+
+
+def _eval_entry(data: Any, where: str) -> EvalEntry:
+    if isinstance(data, dict) and data.get("protocol"):
+        where = f"{where} ('{data.get('name') or data['protocol']}')"
+    entry = _typed(EvalEntry, data, where)
+    if entry.name is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", entry.name):
+        raise ConfigError(f"{where}: 'name' may hold letters, digits, _ . + - only; got '{entry.name}'.")
+    _check_overrides(entry.overrides, f"{where}.overrides")
+    return entry
+
+
+def _check_names(names: list[str], what: str, source: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{source}: two {what} entries are named '{name}': names must be unique.")
+        seen.add(name)
+
+
+def _check_budget(budget: BudgetConfig, source: str) -> None:
+    need = {"images": budget.images, "seconds": budget.seconds, "epochs": budget.epochs}
+    if budget.kind != "none":
+        value = need[budget.kind]
+        if value is None or value <= 0:
+            raise ConfigError(f"{source}: budget.kind {budget.kind} needs a positive budget.{budget.kind}.")
+
+
+_MANAGED = ("output_dir", "checkpoint", "seeds")
+
+
+def _check_overrides(overrides: dict, where: str) -> None:
+    for key in flatten_overrides(overrides):
+        if key in _MANAGED:
+            raise ConfigError(
+                f"{where}: '{key}' is set by the comparison for every run; remove it from the plan."
+            )
+
+
+def load_plan(path: str | Path) -> ComparePlan:
+    """Read and validate a plan YAML file (safe loader)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"plan file '{path}' not found: give --plan recipes/configs/compare/compare_default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"plan file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"plan file '{path}' must hold a mapping (name, shared, pretrain, evaluations, ...).")
+    return plan_from_dict(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def flatten_overrides(overrides: dict, prefix: str = "") -> dict[str, Any]:
+    """`{'train': {'epochs': 3}, 'data.name': 'x'}` -> `{'train.epochs': 3, 'data.name': 'x'}`."""
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_overrides(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value as the recipes' `key=value` parser (YAML) reads it back unchanged."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and value == value.strip() and value:
+                return value
+        except yaml.YAMLError:
+            pass
+        return json.dumps(value)
+    return json.dumps(value)  # JSON is YAML: null, true, 3, 0.5, [0, 1], {"a": 1}
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.+-]+)\}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class Run:
+    """One subprocess to run (or a checkpoint to take as it is), with what it depends on."""
+
+    id: str  # "pretrain/mae", "eval/mae/knn"
+    kind: Literal["pretrain", "eval", "checkpoint"]
+    method: str  # the pretrain entry's name (the table's row)
+    column: Optional[str]  # the eval entry's name (the table's column); None for pretraining
+    protocol: Optional[str]
+    output_dir: Path
+    script: Optional[Path]
+    args: list[str]  # recipe arguments: --config FILE key=value ...
+    depends: list[str]  # run ids that must be complete first
+    fingerprint: str
+    checkpoint: Optional[str] = None  # eval runs: what they judge; checkpoint entries: the path
+    budget: dict = field(default_factory=dict)  # pretraining: what the budget resolved to
+    exceptions: list[str] = field(default_factory=list)  # shared keys this entry overrides
+    evaluate: bool = True
+
+    def command(self, launcher: LauncherConfig, python: str) -> list[str]:
+        """The full command line (launcher + script + args)."""
+        if self.script is None:
+            return []
+        if launcher.kind == "accelerate":
+            cmd = [python, "-m", "accelerate.commands.launch"]
+            if launcher.config_file:
+                cmd += ["--config_file", str(launcher.config_file)]
+            if launcher.num_processes:
+                cmd += ["--num_processes", str(launcher.num_processes)]
+            cmd += list(launcher.args)
+            return cmd + [str(self.script), *self.args]
+        return [python, str(self.script), *self.args]
+
+
+def _find_recipe(recipe: str, where: str) -> Path:
+    path = Path(recipe)
+    if path.suffix == ".py":
+        if path.is_file():
+            return path.resolve()
+        raise ConfigError(f"{where}: recipe script '{recipe}' not found.")
+    candidate = RECIPES_DIR / f"{recipe}.py"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.py")) if RECIPES_DIR.is_dir() else []
+    close = difflib.get_close_matches(recipe, known, n=1, cutoff=0.5)
+    hint = f", did you mean '{close[0]}'?" if close else f" (recipes here: {', '.join(known) or 'none'})."
+    raise ConfigError(f"{where}: no recipe '{recipe}' in {RECIPES_DIR}{hint}")
+
+
+def _find_config(config: Optional[str], script: Path, where: str) -> Optional[Path]:
+    """The YAML a run reads: the plan's, else the recipe's own default (passed explicitly, so the
+    budget computed here from its batch size is the one the run uses)."""
+    if config is not None:
+        for path in (Path(config), RECIPES_DIR.parent / config):
+            if path.is_file():
+                return path.resolve()
+        raise ConfigError(f"{where}: config file '{config}' not found (paths are relative to the working folder).")
+    stem = script.stem.removesuffix("_pretrain")
+    default = script.parent / "configs" / f"{stem}_default.yaml"
+    return default.resolve() if default.is_file() else None
+
+
+def _schema_for(script: Path) -> Optional[type]:
+    """The config schema of one of our recipes (to validate a run before launching it), else None."""
+    if script.parent.resolve() != RECIPES_DIR.resolve():
+        return None
+    if script.stem == "pretrain" or script.stem.endswith("_pretrain"):
+        from ssl_vit.config import PretrainConfig
+
+        return PretrainConfig
+    try:
+        from ssl_vit.eval import config as eval_config
+    except ImportError:  # pragma: no cover - the eval package is part of the suite
+        return None
+    return {
+        "knn": eval_config.KNNEvalConfig,
+        "linear_probe": eval_config.LinearProbeEvalConfig,
+        "finetune": eval_config.FinetuneEvalConfig,
+    }.get(script.stem)
+
+
+def _resolve_config(script: Path, config: Optional[Path], preset: list[str], overrides: dict[str, Any], where: str):
+    """Load the run's config in-process exactly as the recipe will (None for scripts we do not know)."""
+    schema = _schema_for(script)
+    if schema is None:
+        return None
+    from ssl_vit.config import load_config
+
+    argv = [*preset, *(["--config", str(config)] if config else []), *_kv(overrides)]
+    try:
+        return load_config(schema, argv)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _kv(overrides: dict[str, Any]) -> list[str]:
+    return [f"{k}={format_value(v)}" for k, v in overrides.items()]
+
+
+def _fingerprint(script: Optional[Path], config: Optional[Path], args: list[str], extra: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(str(script).encode())
+    if config is not None:
+        h.update(config.read_bytes())
+    h.update(json.dumps([args, extra]).encode())
+    return h.hexdigest()[:16]
+
+
+def _substitute(value: Any, dirs: dict[str, Path], where: str, refs: set[str]) -> Any:
+    """`${name}` in a string value -> the output folder of pretrain entry `name`."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in dirs:
+                close = difflib.get_close_matches(name, list(dirs), n=1, cutoff=0.5)
+                hint = f", did you mean '${{{close[0]}}}'?" if close else f" (entries: {', '.join(dirs)})."
+                raise ConfigError(f"{where}: '${{{name}}}' names no pretrain entry{hint}")
+            refs.add(name)
+            return str(dirs[name])
+
+        return _REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_substitute(v, dirs, where, refs) for v in value]
+    return value
+
+
+def resolve_runs(plan: ComparePlan, out: Path) -> list[Run]:
+    """Every run of the plan, in an order that respects dependencies (pretraining first)."""
+    out = Path(out).resolve()
+    launcher = plan.launcher
+    nproc = (launcher.num_processes or 1) if launcher.kind == "accelerate" else 1
+    shared = flatten_overrides(plan.shared)
+    pre_shared = {**shared, **flatten_overrides(plan.pretrain_shared)}
+    entries: list[PretrainEntry] = plan.pretrain  # type: ignore[assignment]
+    dirs = {e.name: _entry_dir(e, out) for e in entries}
+
+    pretrain_runs: dict[str, Run] = {}
+    for i, entry in enumerate(entries):
+        where = f"pretrain[{i}] ('{entry.name}')"
+        if entry.checkpoint is not None:
+            ckpt = entry.checkpoint
+            if ckpt != "random" and not Path(ckpt).expanduser().exists():
+                raise ConfigError(f"{where}: checkpoint '{ckpt}' not found: give a run folder, a file, or random.")
+            path = ckpt if ckpt == "random" else str(Path(ckpt).expanduser().resolve())
+            pretrain_runs[entry.name] = Run(
+                id=f"pretrain/{entry.name}", kind="checkpoint", method=entry.name, column=None, protocol=None,
+                output_dir=dirs[entry.name], script=None, args=[], depends=[], checkpoint=path,
+                fingerprint=_fingerprint(None, None, [path], []), evaluate=entry.evaluate,
+            )
+            continue
+        recipe = entry.recipe or "pretrain"
+        script = _find_recipe(recipe, where)
+        config = _find_config(entry.config, script, where)
+        preset = [f"objective.name={format_value(entry.objective)}"] if entry.objective else []
+        refs: set[str] = set()
+        own = {k: _substitute(v, dirs, where, refs) for k, v in flatten_overrides(entry.overrides).items()}
+        merged = {**pre_shared, **own}
+        budget_keys, budget_info = _budget_overrides(plan.budget, script, config, preset, merged, nproc, where)
+        clash = sorted(set(own) & set(budget_keys))
+        if clash:
+            raise ConfigError(
+                f"{where}.overrides: {', '.join(clash)} is set by the plan's budget ({plan.budget.kind}) so that "
+                f"every method gets the same; remove it from the entry (or change the budget)."
+            )
+        exceptions = sorted(k for k in own if k in pre_shared and own[k] != pre_shared[k])
+        # resume=auto: a run cut short (crash, timeout) continues from checkpoint-last when rerun.
+        resume = {"train.resume": "auto"} if _schema_for(script) is not None else {}
+        overrides = {**resume, **merged, **budget_keys, "output_dir": str(dirs[entry.name])}
+        _resolve_config(script, config, preset, overrides, where)  # fail now, not after an hour
+        args = [*preset, *(["--config", str(config)] if config else []), *_kv(overrides)]
+        pretrain_runs[entry.name] = Run(
+            id=f"pretrain/{entry.name}", kind="pretrain", method=entry.name, column=None, protocol=None,
+            output_dir=dirs[entry.name], script=script, args=args,
+            depends=[f"pretrain/{r}" for r in sorted(refs)],
+            fingerprint=_fingerprint(script, config, args, []), checkpoint=str(dirs[entry.name]),
+            budget=budget_info, exceptions=exceptions, evaluate=entry.evaluate,
+        )
+    for run in pretrain_runs.values():
+        _check_cycle(run, pretrain_runs)
+
+    eval_runs: list[Run] = []
+    for j, ev in enumerate(plan.evaluations):  # type: ignore[assignment]
+        column = ev.name or ev.protocol
+        script = _find_recipe(ev.recipe or ev.protocol, f"evaluations[{j}] ('{column}')")
+        config = _find_config(ev.config, script, f"evaluations[{j}] ('{column}')")
+        for entry in entries:
+            if not entry.evaluate:
+                continue
+            where = f"evaluations[{j}] ('{column}') of '{entry.name}'"
+            pre = pretrain_runs[entry.name]
+            refs = set()
+            own = {k: _substitute(v, dirs, where, refs) for k, v in flatten_overrides(ev.overrides).items()}
+            overrides = {
+                **shared,
+                **own,
+                "checkpoint": pre.checkpoint,
+                "seeds": list(plan.seeds),
+                "output_dir": str(out / "eval" / entry.name / column),
+            }
+            _resolve_config(script, config, [], overrides, where)
+            args = [*(["--config", str(config)] if config else []), *_kv(overrides)]
+            depends = [pre.id] if pre.kind == "pretrain" else []
+            depends += [f"pretrain/{r}" for r in sorted(refs) if f"pretrain/{r}" not in depends]
+            eval_runs.append(Run(
+                id=f"eval/{entry.name}/{column}", kind="eval", method=entry.name, column=column,
+                protocol=ev.protocol, output_dir=out / "eval" / entry.name / column, script=script, args=args,
+                depends=depends, checkpoint=pre.checkpoint,
+                # An eval is stale when what it judges changed: its checkpoint's fingerprint is part of its own.
+                fingerprint=_fingerprint(script, config, args, [pretrain_runs[d.split("/", 1)[1]].fingerprint
+                                                                for d in depends]),
+            ))
+    return _ordered(list(pretrain_runs.values())) + eval_runs
+
+
+def _entry_dir(entry: PretrainEntry, out: Path) -> Path:
+    return out / "pretrain" / entry.name
+
+
+def _check_cycle(run: Run, runs: dict[str, Run], seen: tuple[str, ...] = ()) -> None:
+    if run.id in seen:
+        raise ConfigError(f"pretrain entries refer to each other in a cycle: {' -> '.join(seen + (run.id,))}.")
+    for dep in run.depends:
+        _check_cycle(runs[dep.split("/", 1)[1]], runs, seen + (run.id,))
+
+
+def _ordered(runs: list[Run]) -> list[Run]:
+    """Plan order, except that a run comes after the runs it depends on."""
+    done: list[Run] = []
+    by_id = {r.id: r for r in runs}
+
+    def visit(run: Run) -> None:
+        if run in done:
+            return
+        for dep in run.depends:
+            visit(by_id[dep])
+        done.append(run)
+
+    for run in runs:
+        visit(run)
+    return done
+
+
+def _budget_overrides(
+    budget: BudgetConfig,
+    script: Path,
+    config: Optional[Path],
+    preset: list[str],
+    merged: dict[str, Any],
+    nproc: int,
+    where: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(overrides the budget adds, a description of what this run gets) for one pretraining run."""
+    if budget.kind == "none":
+        return {}, {"kind": "none"}
+    if budget.kind == "epochs":
+        return {"train.epochs": budget.epochs}, {"kind": "epochs", "epochs": budget.epochs}
+    if budget.kind == "seconds":
+        return {"train.max_seconds": budget.seconds}, {"kind": "seconds", "seconds": budget.seconds}
+    cfg = _resolve_config(script, config, preset, merged, where)
+    if cfg is not None:
+        batch, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+    else:  # a script we cannot introspect: read the keys from the plan, else the engine's defaults
+        from ssl_vit.engine.config import TrainConfig
+
+        batch = int(merged.get("train.batch_size", TrainConfig.batch_size))
+        accum = int(merged.get("train.grad_accum_steps", TrainConfig.grad_accum_steps))
+    per_step = batch * accum * nproc
+    steps = max(1, int(budget.images) // per_step)
+    info = {
+        "kind": "images",
+        "images": budget.images,
+        "steps": steps,
+        "images_per_step": per_step,
+        "images_given": steps * per_step,
+    }
+    # max_steps alone ends the run only if the epochs do not end it first: lift the epoch limit so the
+    # step budget decides (the schedule then spans max_steps).
+    return {"train.max_steps": steps, "train.epochs": _EPOCHS_UNBOUNDED}, info
+
+
+# The engine ends a run at the first of train.epochs / train.max_steps; under an images budget the
+# steps must decide, so the epoch limit is set out of reach.
+_EPOCHS_UNBOUNDED = 1_000_000

@@ -1,0 +1,155 @@
+"""The runner on stand-in recipes: runs what is missing, skips what is complete, survives failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import read_calls
+
+from ssl_vit.compare import plan_from_dict, resolve_runs, run_comparison
+from ssl_vit.compare.runner import MARKER, run_state
+
+
+def _plan(fakes: dict, **changes) -> dict:
+    plan = {
+        "name": "fake",
+        "shared": {"data.name": "synthetic"},
+        "seeds": [0, 1],
+        "budget": {"kind": "images", "images": 640},
+        "pretrain": [
+            {"name": "alpha", "recipe": str(fakes["pretrain"]), "overrides": {"train.batch_size": 32}},
+            {"name": "beta", "recipe": str(fakes["pretrain"]), "overrides": {"train.batch_size": 64}},
+            {"name": "random", "checkpoint": "random"},
+        ],
+        "evaluations": [
+            {"protocol": "knn", "recipe": str(fakes["eval"])},
+            {"protocol": "linear_probe", "recipe": str(fakes["eval"]), "overrides": {"fake.top1": 40}},
+        ],
+    }
+    plan.update(changes)
+    return plan
+
+
+def test_run_comparison__runs_everything_then_writes_table_csv_json_and_plot(fakes, tmp_path: Path):
+    code, results = run_comparison(plan_from_dict(_plan(fakes)), tmp_path / "out", echo=lambda s: None)
+    out = tmp_path / "out"
+    assert code == 0 and results is not None and results.ok
+    assert (out / "results.md").is_file() and (out / "results.csv").is_file() and (out / "accuracy.png").is_file()
+    calls = read_calls(fakes["calls"])
+    assert sorted(c["script"] for c in calls) == ["fake_eval"] * 6 + ["fake_pretrain"] * 2
+    table = (out / "results.md").read_text()
+    assert "| alpha | **60.5 ± 0.7** | **50.5 ± 0.7** |" in table
+    assert "| random | 50.5 ± 0.7 | 40.5 ± 0.7 | none (random init) |" in table
+    data = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in data["methods"]] == ["alpha", "beta", "random"]
+
+
+def test_images_budget__gives_each_method_the_same_images_whatever_its_batch(fakes, tmp_path: Path):
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(_plan(fakes)), tmp_path / "out")}
+    assert "train.max_steps=20" in runs["pretrain/alpha"].args  # 640 / 32
+    assert "train.max_steps=10" in runs["pretrain/beta"].args  # 640 / 64
+    assert runs["pretrain/alpha"].budget["images_given"] == runs["pretrain/beta"].budget["images_given"] == 640
+
+
+def test_second_invocation__reruns_nothing(fakes, tmp_path: Path):
+    plan = plan_from_dict(_plan(fakes))
+    run_comparison(plan, tmp_path / "out", echo=lambda s: None)
+    n_calls = len(read_calls(fakes["calls"]))
+    mtime = (tmp_path / "out" / "eval" / "alpha" / "knn" / "metrics.json").stat().st_mtime_ns
+    lines: list[str] = []
+    code, _ = run_comparison(plan, tmp_path / "out", echo=lines.append)
+    assert code == 0
+    assert len(read_calls(fakes["calls"])) == n_calls
+    assert (tmp_path / "out" / "eval" / "alpha" / "knn" / "metrics.json").stat().st_mtime_ns == mtime
+    assert sum(line.startswith("[skip]") for line in lines) == 8
+    assert (tmp_path / "out" / "results.md").is_file()
+
+
+def test_broken_entry__is_reported_and_the_rest_is_still_written(fakes, tmp_path: Path):
+    raw = _plan(fakes)
+    raw["pretrain"][1]["overrides"]["fake.fail"] = True
+    code, results = run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    assert code == 1 and results is not None
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| beta (pretraining FAILED) | blocked | blocked |" in table
+    assert "| alpha | **60.5 ± 0.7** |" in table and "| random | 50.5 ± 0.7 |" in table
+    assert any("pretrain/beta: failed" in p and "fake failure asked for by the plan" in p for p in results.problems)
+    # Its evaluations were not launched; every other run was.
+    scripts = [(c["script"], c["args"]["output_dir"]) for c in read_calls(fakes["calls"])]
+    assert not any("/eval/beta/" in d for _, d in scripts)
+    assert sum(s == "fake_eval" for s, _ in scripts) == 4
+
+
+def test_failed_eval__is_a_cell_and_a_problem_not_a_crash(fakes, tmp_path: Path):
+    raw = _plan(fakes)
+    raw["evaluations"][1]["overrides"]["fake.fail"] = True
+    code, results = run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    assert code == 1
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| alpha | **60.5 ± 0.7** | FAILED |" in table
+    assert len(results.problems) == 3  # one per method's linear probe
+
+
+def test_rerun_after_failure__runs_only_what_failed(fakes, tmp_path: Path):
+    raw = _plan(fakes)
+    raw["pretrain"][1]["overrides"]["fake.fail"] = True
+    run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    del raw["pretrain"][1]["overrides"]["fake.fail"]
+    before = len(read_calls(fakes["calls"]))
+    code, _ = run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    assert code == 0
+    new = [c["args"]["output_dir"] for c in read_calls(fakes["calls"])[before:]]
+    # beta's settings changed (the failure flag went away): its pretraining and both evals, nothing else.
+    assert len(new) == 3 and all("beta" in d for d in new)
+    assert list((tmp_path / "out" / "pretrain").glob("beta.stale-*"))  # the old attempt is kept aside
+
+
+def test_partial_run__is_resumed_in_place(fakes, tmp_path: Path):
+    plan = plan_from_dict(_plan(fakes))
+    runs = {r.id: r for r in resolve_runs(plan, tmp_path / "out")}
+    alpha = runs["pretrain/alpha"]
+    assert run_state(alpha) == "new"
+    alpha.output_dir.mkdir(parents=True)
+    (alpha.output_dir / MARKER).write_text(json.dumps({"fingerprint": alpha.fingerprint, "status": "started"}))
+    (alpha.output_dir / "checkpoint-last").mkdir()
+    assert run_state(alpha) == "partial"
+    run_comparison(plan, tmp_path / "out", echo=lambda s: None)
+    assert (alpha.output_dir / "checkpoint-last").is_dir()  # resumed in place, not set aside
+    assert run_state(alpha) == "complete"
+
+
+def test_changed_settings__make_the_run_and_its_evaluations_stale(fakes, tmp_path: Path):
+    run_comparison(plan_from_dict(_plan(fakes)), tmp_path / "out", echo=lambda s: None)
+    raw = _plan(fakes)
+    raw["pretrain"][0]["overrides"]["train.batch_size"] = 16
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert run_state(runs["pretrain/alpha"]) == "stale"
+    assert run_state(runs["eval/alpha/knn"]) == "stale"
+    assert run_state(runs["pretrain/beta"]) == "complete" and run_state(runs["eval/random/knn"]) == "complete"
+
+
+def test_only__runs_the_named_method_and_reports_the_rest_as_not_run(fakes, tmp_path: Path):
+    code, results = run_comparison(plan_from_dict(_plan(fakes)), tmp_path / "out", only=["beta"], echo=lambda s: None)
+    assert code == 0
+    dirs = {c["args"]["output_dir"] for c in read_calls(fakes["calls"])}
+    assert dirs and all("/beta" in d for d in dirs)
+    assert "| alpha | not run | not run |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_dry_run__launches_nothing_and_writes_nothing(fakes, tmp_path: Path):
+    lines: list[str] = []
+    code, results = run_comparison(plan_from_dict(_plan(fakes)), tmp_path / "out", dry_run=True, echo=lines.append)
+    assert code == 0 and results is None
+    assert read_calls(fakes["calls"]) == [] and not (tmp_path / "out").exists()
+    assert sum(line.startswith("[run]") for line in lines) == 8
+
+
+def test_accelerate_launcher__wraps_every_command(fakes, tmp_path: Path):
+    raw = _plan(fakes, launcher={"kind": "accelerate", "config_file": "acc.yaml", "num_processes": 2})
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    plan = plan_from_dict(raw)
+    cmd = runs["pretrain/alpha"].command(plan.launcher, "python")
+    assert cmd[:7] == ["python", "-m", "accelerate.commands.launch", "--config_file", "acc.yaml", "--num_processes", "2"]
+    assert cmd[7] == str(fakes["pretrain"])
+    assert "train.max_steps=10" in runs["pretrain/alpha"].args  # 640 / (32 x 2 processes)
