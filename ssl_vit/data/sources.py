@@ -180,6 +180,8 @@ def _open_source(cfg: DataConfig) -> dict[str, AnyDataset]:
         except DataError:
             raise
         except Exception as err:  # a broken local file: say which and why, without datasets' stack
+            if "corresponds to no data" in str(err):  # datasets' words for 0 rows
+                raise DataError(f"local dataset '{cfg.name}' is empty (0 rows): check data.name.") from None
             raise DataError(f"cannot read local dataset '{cfg.name}': {type(err).__name__}: {err}") from None
     if _looks_like_path(cfg.name):
         raise DataError(

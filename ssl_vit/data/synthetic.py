@@ -141,11 +141,14 @@ def _background(rng: np.random.Generator, n: int, size: int, xx: np.ndarray, yy:
     return np.clip(base + grad + stripes + blotch, 0.0, 1.0)
 
 
-def render_shapes(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def render_shapes(
+    labels: np.ndarray, size: int, rng: np.random.Generator, return_coverage: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Draw one shape per label on a textured background.
 
     Args: labels (n,) ints indexing SHAPES; size: image side in pixels.
-    Returns: uint8 images (n, size, size, 3).
+    Returns: uint8 images (n, size, size, 3); with return_coverage, also the shape's per-pixel
+    coverage (n, size, size) in [0, 1].
     """
     n = len(labels)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres, (S, S)
@@ -186,7 +189,8 @@ def render_shapes(labels: np.ndarray, size: int, rng: np.random.Generator) -> np
 
     img = bg * (1.0 - alpha) + fg * alpha
     img = img + rng.normal(0.0, 1.0, img.shape) * rng.uniform(0.0, 0.06, (n, 1, 1, 1))
-    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    images = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    return (images, alpha[..., 0]) if return_coverage else images
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
