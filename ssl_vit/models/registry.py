@@ -136,6 +136,14 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownModelError(f"unknown model '{name}': neither an ssl_vit backbone nor a timm model.{hint}")
     kwargs = {k: v for k, v in overrides.items() if v is not None and k not in ("pos_embed", "distilled")}
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    if kwargs.get("global_pool") == "token":  # the ViT default of ModelConfig; convnets have no class token
+        del kwargs["global_pool"]
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:  # a convnet (e.g. a ResNet teacher) takes no image or patch size
+        if "unexpected keyword argument" not in str(err) or not {"img_size", "patch_size"} & set(kwargs):
+            raise
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("img_size", "patch_size")}
+        model = timm.create_model(name, pretrained=False, **kwargs)
     model.spec = {"name": name, **kwargs}
     return model
