@@ -65,6 +65,7 @@ class MethodResult:
     pretrain: dict = field(default_factory=dict)  # steps, images_seen, seconds, images_per_sec
     budget: dict = field(default_factory=dict)
     exceptions: list[str] = field(default_factory=list)  # shared keys this entry overrides
+    uses: list[str] = field(default_factory=list)  # other entries it builds on (e.g. a DeiT teacher)
     evaluated: bool = True
     loss_tag: Optional[str] = None
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -84,6 +85,7 @@ class Results:
     columns: list[tuple[str, str]]  # (column name, protocol)
     methods: list[MethodResult]
     problems: list[str] = field(default_factory=list)
+    column_seeds: dict[str, list[int]] = field(default_factory=dict)  # protocols with their own seeds
 
     @property
     def ok(self) -> bool:
@@ -275,6 +277,7 @@ def collect(
         launcher=launch,
         columns=columns,
         methods=[],
+        column_seeds={ev.name or ev.protocol: list(ev.seeds) for ev in plan.evaluations if ev.seeds},
     )
     by_id = {r.id: r for r in runs}
     for run in runs:
@@ -305,7 +308,7 @@ def _method_result(run: Run, status: Optional[RunStatus]) -> MethodResult:
             method.pretrain, method.objective = stats, objective or "external"
         return method
     method = MethodResult(name=run.method, kind="pretrain", budget=dict(run.budget), exceptions=list(run.exceptions),
-                          evaluated=run.evaluate)
+                          uses=[d.split("/", 1)[1] for d in run.depends], evaluated=run.evaluate)
     from ssl_vit.compare.runner import outputs_exist
 
     if status is not None and status.state == "unselected" and not outputs_exist(run):

@@ -84,6 +84,9 @@ class PretrainEntry:
     objective: Optional[str] = None
     # The recipe's YAML; None: the recipe's own default (recipes/configs/<method>_default.yaml).
     config: Optional[str] = None
+    # key: value overrides (nested or dotted). In any string value of a plan's overrides, `${name}` is the
+    # output folder of pretrain entry `name` (e.g. distill.teacher: ${supervised}) and `${out}` the
+    # comparison's folder.
     overrides: dict = field(default_factory=dict)
     # Instead of pretraining: an existing run's output_dir / checkpoint file, or "random".
     checkpoint: Optional[str] = None
@@ -102,6 +105,8 @@ class EvalEntry:
     recipe: Optional[str] = None
     config: Optional[str] = None
     overrides: dict = field(default_factory=dict)
+    # Seeds of this protocol (e.g. one for a costly fine-tune); None: the plan's. Every method gets the same.
+    seeds: Optional[list[int]] = None
 
 
 @dataclass
@@ -179,8 +184,9 @@ def _pretrain_entry(data: Any, where: str) -> PretrainEntry:
     if isinstance(data, dict) and data.get("name"):
         where = f"{where} ('{data['name']}')"
     entry = _typed(PretrainEntry, data, where)
-    if not entry.name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", entry.name):
-        raise ConfigError(f"{where}: 'name' is required (letters, digits, _ . + -), e.g. name: mae.")
+    if not entry.name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", entry.name) or entry.name == "out":
+        raise ConfigError(f"{where}: 'name' is required (letters, digits, _ . + -; not 'out', which ${{out}} "
+                          f"means), e.g. name: mae.")
     sources = [k for k in ("recipe", "objective", "checkpoint") if getattr(entry, k) is not None]
     if len(sources) != 1:
         raise ConfigError(
@@ -200,6 +206,8 @@ def _eval_entry(data: Any, where: str) -> EvalEntry:
     if entry.name is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", entry.name):
         raise ConfigError(f"{where}: 'name' may hold letters, digits, _ . + - only; got '{entry.name}'.")
     _check_overrides(entry.overrides, f"{where}.overrides")
+    if entry.seeds is not None and (not entry.seeds or len(set(entry.seeds)) != len(entry.seeds)):
+        raise ConfigError(f"{where}: 'seeds' must be distinct integers, e.g. [0]; got {entry.seeds}.")
     return entry
 
 
@@ -396,7 +404,8 @@ def _substitute(value: Any, dirs: dict[str, Path], where: str, refs: set[str]) -
                 close = difflib.get_close_matches(name, list(dirs), n=1, cutoff=0.5)
                 hint = f", did you mean '${{{close[0]}}}'?" if close else f" (entries: {', '.join(dirs)})."
                 raise ConfigError(f"{where}: '${{{name}}}' names no pretrain entry{hint}")
-            refs.add(name)
+            if name != "out":
+                refs.add(name)
             return str(dirs[name])
 
         return _REF.sub(sub, value)
@@ -410,10 +419,13 @@ def resolve_runs(plan: ComparePlan, out: Path) -> list[Run]:
     out = Path(out).resolve()
     launcher = plan.launcher
     nproc = (launcher.num_processes or 1) if launcher.kind == "accelerate" else 1
-    shared = flatten_overrides(plan.shared)
-    pre_shared = {**shared, **flatten_overrides(plan.pretrain_shared)}
     entries: list[PretrainEntry] = plan.pretrain  # type: ignore[assignment]
     dirs = {e.name: _entry_dir(e, out) for e in entries}
+    dirs["out"] = out  # ${out}: the comparison's own folder (e.g. a feature cache every eval shares)
+    only_out = {"out": out}  # shared settings reach every run: they may name the folder, not an entry
+    shared = {k: _substitute(v, only_out, "shared", set()) for k, v in flatten_overrides(plan.shared).items()}
+    pre_shared = {**shared, **{k: _substitute(v, only_out, "pretrain_shared", set())
+                               for k, v in flatten_overrides(plan.pretrain_shared).items()}}
 
     pretrain_runs: dict[str, Run] = {}
     for i, entry in enumerate(entries):
@@ -475,7 +487,7 @@ def resolve_runs(plan: ComparePlan, out: Path) -> list[Run]:
                 **shared,
                 **own,
                 "checkpoint": pre.checkpoint,
-                "seeds": list(plan.seeds),
+                "seeds": list(ev.seeds or plan.seeds),
                 "output_dir": str(out / "eval" / entry.name / column),
             }
             _resolve_config(script, config, [], overrides, where)

@@ -53,12 +53,14 @@ def budget_text(method: MethodResult) -> str:
     b = method.budget
     kind = b.get("kind")
     if kind == "images":
-        return f"{_int(b.get('images_given'))} img = {_int(b.get('steps'))} steps x {b.get('images_per_step')}"
-    if kind == "seconds":
-        return f"{format_seconds(b.get('seconds'))} wall-clock"
-    if kind == "epochs":
-        return f"{b.get('epochs')} epochs"
-    return "own config"
+        text = f"{_int(b.get('images_given'))} img = {_int(b.get('steps'))} steps x {b.get('images_per_step')}"
+    elif kind == "seconds":
+        text = f"{format_seconds(b.get('seconds'))} wall-clock"
+    elif kind == "epochs":
+        text = f"{b.get('epochs')} epochs"
+    else:
+        text = "own config"
+    return text + "".join(f" + {u}'s" for u in method.uses)  # e.g. a DeiT student's teacher
 
 
 def _budget_header(results: Results) -> str:
@@ -106,7 +108,7 @@ def markdown_table(results: Results) -> str:
 
 def _markdown(results: Results, plots: list[str]) -> str:
     shared = ", ".join(f"`{k}={v}`" for k, v in results.shared.items()) or "(none)"
-    seeds = results.seeds
+    seeds = str(results.seeds) + "".join(f"; {c}: {s}" for c, s in results.column_seeds.items())
     parts = [
         f"# Comparison: {results.name}",
         "",

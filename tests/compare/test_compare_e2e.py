@@ -1,0 +1,81 @@
+"""The comparison tool end to end on the real recipes, with tiny budgets on built-in synthetic data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A 1-block, 32-wide ViT on 16x16 images (16 tokens): seconds per run on a CPU.
+TINY_MODEL = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def _tiny_plan(tmp_path: Path) -> dict:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    return {
+        "name": "tiny",
+        "shared": {
+            "model": {"name": "vit_nano_patch4_32", "args": TINY_MODEL},
+            "data": {"name": "synthetic", "image_size": 16, "synthetic_train_size": 64, "synthetic_eval_size": 32,
+                     "num_workers": 0},
+        },
+        "pretrain_shared": {"train": {"eval_every": 0, "vis_every": 0, "save_every": 0, "log_every": 1}},
+        "seeds": [0, 1],
+        "budget": {"kind": "images", "images": 64},
+        "pretrain": [
+            {"name": "mae", "recipe": "mae_pretrain",
+             "overrides": {"train.batch_size": 16, "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}},
+            {"name": "random", "checkpoint": "random"},
+            {"name": "broken", "checkpoint": str(garbage)},
+        ],
+        "evaluations": [
+            {"protocol": "knn", "overrides": {"features.cache_dir": "${out}/cache", "knn.ks": [5, 20]}},
+            {"protocol": "linear_probe",
+             "overrides": {"features.cache_dir": "${out}/cache", "train": {"epochs": 2, "batch_size": 32}}},
+        ],
+    }
+
+
+def _compare(plan_file: Path, out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools" / "compare.py"), "--plan", str(plan_file), "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_nothing(tmp_path: Path):
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(_tiny_plan(tmp_path)))
+    out = tmp_path / "out"
+
+    first = _compare(plan_file, out)
+    assert first.returncode == 1, first.stdout + first.stderr  # the broken checkpoint's evaluations fail
+    for name in ("results.md", "results.csv", "results.json", "accuracy.png", "loss_curves.png", "plan.yaml"):
+        assert (out / name).is_file(), f"{name} missing:\n{first.stdout}\n{first.stderr}"
+    data = json.loads((out / "results.json").read_text())
+    methods = {m["name"]: m for m in data["methods"]}
+    for name in ("mae", "random"):
+        for column in ("knn", "linear_probe"):
+            cell = methods[name]["evals"][column]
+            assert cell["status"] == "ok" and 0.0 <= cell["top1"] <= 100.0 and cell["seeds"] == [0, 1]
+    assert methods["mae"]["pretrain"]["steps"] == 4  # 64 images / batch 16
+    assert methods["mae"]["pretrain"]["images_seen"] == 64 and methods["mae"]["pretrain"]["seconds"] > 0
+    assert methods["mae"]["loss_tag"]
+    assert {c["status"] for c in methods["broken"]["evals"].values()} == {"failed"}
+    table = (out / "results.md").read_text()
+    assert "| broken | FAILED | FAILED |" in table and "## Problems" in table
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    mtimes[out / "pretrain" / "mae" / "backbone.safetensors"] = (out / "pretrain" / "mae" / "backbone.safetensors").stat().st_mtime_ns
+    second = _compare(plan_file, out)
+    assert second.returncode == 1  # still broken, and said so again
+    started = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("[run]")]
+    assert started == ["eval/broken/knn", "eval/broken/linear_probe"]  # only what failed is tried again
+    assert second.stdout.count("[skip]") == 5
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing complete was rerun
