@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -140,7 +141,10 @@ def execute(
         if dry_run:
             what = {"new": "run", "partial": "resume", "stale": "rerun (settings changed)"}[state]
             statuses[run.id] = RunStatus(run.id, "planned", what)
-            echo(f"[{what}] {run.id}\n    {_shell(cmd)}")
+            b = run.budget
+            budget = (f" ({b['images_given']:,} images = {b['steps']} steps x {b['images_per_step']})"
+                      if b.get("kind") == "images" else "")
+            echo(f"[{what}] {run.id}{budget}\n    {_shell(cmd)}")
             continue
         if state == "stale":
             old = _set_aside(run.output_dir)
@@ -161,11 +165,17 @@ def _launch(run: Run, cmd: list[str], logs_dir: Path, timeout_s: Optional[float]
         with open(log, "a") as fh:
             fh.write(f"$ {_shell(cmd)}\n")
             fh.flush()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
-        rc = proc.returncode
-        detail = "" if rc == 0 else f"exit status {rc}"
-    except subprocess.TimeoutExpired:
-        rc, detail = -1, f"stopped after the launcher's timeout_s={timeout_s:g}"
+            # Its own process group, so a timeout or Ctrl-C stops `accelerate launch` and its workers too.
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout_s)
+                detail = "" if rc == 0 else f"exit status {rc}"
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                rc, detail = -1, f"stopped after the launcher's timeout_s={timeout_s:g}"
+            except BaseException:  # Ctrl-C: stop the run; its marker says "started", so a rerun resumes it
+                _stop(proc)
+                raise
     except OSError as err:
         rc, detail = -1, f"could not start: {err}"
     seconds = time.perf_counter() - start
@@ -180,6 +190,20 @@ def _launch(run: Run, cmd: list[str], logs_dir: Path, timeout_s: Optional[float]
     echo(f"[FAILED]  {run.id}: {detail} (log: {log})\n{tail}")
     return RunStatus(run.id, "failed", f"{detail}; last line: {tail.splitlines()[-1].strip() if tail else '-'}",
                      seconds, str(log))
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the run's process group, then SIGKILL what is left after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -153,3 +153,13 @@ def test_accelerate_launcher__wraps_every_command(fakes, tmp_path: Path):
     assert cmd[:7] == ["python", "-m", "accelerate.commands.launch", "--config_file", "acc.yaml", "--num_processes", "2"]
     assert cmd[7] == str(fakes["pretrain"])
     assert "train.max_steps=10" in runs["pretrain/alpha"].args  # 640 / (32 x 2 processes)
+
+
+def test_timeout__stops_the_run_and_reports_it(fakes, tmp_path: Path):
+    hang = tmp_path / "fake_recipes" / "hang.py"
+    hang.write_text("import time\nprint('working', flush=True)\ntime.sleep(60)\n")
+    raw = _plan(fakes, launcher={"timeout_s": 0.5})
+    raw["pretrain"][0]["recipe"] = str(hang)
+    code, results = run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    assert code == 1
+    assert any(p.startswith("pretrain/alpha: failed: stopped after the launcher's timeout_s=0.5") for p in results.problems)
