@@ -1,0 +1,158 @@
+"""What the three evaluations share: the backbone to judge, seeds, checkpoint metadata, metrics.json.
+
+metrics.json is read by `tools/compare.py`; its keys are a contract (docs/architecture.md):
+protocol, method, checkpoint, model, dataset, split, hyperparameters, seeds, top1, top5, top1_std,
+top5_std, per_seed [{seed, top1, top5}], seconds, n_train, n_eval, pretrain, plus protocol extras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ssl_vit.config import config_to_dict
+
+__all__ = [
+    "checkpoint_info",
+    "eval_seeds",
+    "eval_split_name",
+    "load_eval_backbone",
+    "make_accelerator",
+    "metrics_header",
+    "summarize_seeds",
+    "write_metrics",
+]
+
+_PRETRAIN_KEYS = ("steps", "images_seen", "seconds", "images_per_sec")
+
+
+def eval_seeds(cfg: Any) -> list[int]:
+    """The seeds to repeat an evaluation with: `seeds` when given, else `[seed]`."""
+    seeds = list(cfg.seeds) if cfg.seeds else [cfg.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {seeds} repeat a value: give distinct seeds (e.g. --seeds 0 1 2).")
+    return seeds
+
+
+def checkpoint_info(checkpoint: str) -> dict[str, Any]:
+    """`method` (the pretraining objective, "random" or "external") and `pretrain` stats of a checkpoint.
+
+    Read from the `backbone.json` this suite writes next to `backbone.safetensors`; checkpoints from
+    elsewhere (timm, official MAE/DeiT files) are "external" with no pretraining stats.
+    """
+    if checkpoint == "random":
+        return {"method": "random", "pretrain": {}, "backbone_json": None}
+    path = Path(checkpoint).expanduser()
+    meta_path = path / "backbone.json" if path.is_dir() else path.with_name("backbone.json")
+    if path.is_file() and path.name != "backbone.safetensors":
+        meta_path = path.with_suffix(".json")  # e.g. exported/foo.safetensors + foo.json
+    meta: dict[str, Any] | None = None
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = None
+    if not isinstance(meta, dict):
+        return {"method": "external", "pretrain": {}, "backbone_json": None}
+    # Stats may sit at the top level or under a "summary"/"pretrain" mapping; "step" counts as steps.
+    sources = [meta] + [meta[k] for k in ("summary", "pretrain") if isinstance(meta.get(k), dict)]
+    pretrain: dict[str, Any] = {}
+    for source in sources:
+        for key in _PRETRAIN_KEYS:
+            if key in source and key not in pretrain:
+                pretrain[key] = source[key]
+        if "steps" not in pretrain and "step" in source:
+            pretrain["steps"] = source["step"]
+    method = meta.get("objective")
+    if isinstance(method, dict):
+        method = method.get("name")
+    return {"method": str(method) if method else "external", "pretrain": pretrain, "backbone_json": meta}
+
+
+def load_eval_backbone(checkpoint: str, model_cfg: Any, data_cfg: Any, seed: int) -> nn.Module:
+    """The backbone to judge: `checkpoint` through `ssl_vit.engine.load_backbone`, or a random init.
+
+    A random backbone is drawn from `seed`, so that repeating with several seeds measures the spread
+    of the random-init floor too. The image size defaults to `data.image_size`.
+    """
+    from ssl_vit.engine import load_backbone
+
+    if model_cfg.img_size is None:
+        model_cfg = dataclasses.replace(model_cfg, img_size=data_cfg.image_size)
+    if checkpoint == "random":
+        torch.manual_seed(seed)
+    return load_backbone(checkpoint, model_cfg)
+
+
+def make_accelerator(output_dir: str | Path, mixed_precision: str = "no") -> Any:
+    """An Accelerator that logs to TensorBoard under `output_dir/tb` (as the engine does)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=str(output_dir))
+    accelerator.init_trackers("tb")
+    return accelerator
+
+
+def eval_split_name(data_cfg: Any, bundle: Any = None) -> str:
+    """The eval split as the table shows it: its name, or how it was carved from the train split."""
+    name = getattr(bundle, "eval_split", None) if bundle is not None else None
+    if isinstance(name, str) and name:
+        return name
+    if data_cfg.eval_split:
+        return data_cfg.eval_split
+    return f"{data_cfg.train_split}[val {data_cfg.val_fraction:g}]"
+
+
+def summarize_seeds(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one seed) of top1 / top5 over seeds."""
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        m = sum(values) / len(values)
+        var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        return m, math.sqrt(var)
+
+    top1, top1_std = mean_std([float(r["top1"]) for r in per_seed])
+    top5, top5_std = mean_std([float(r["top5"]) for r in per_seed])
+    return {"top1": top1, "top5": top5, "top1_std": top1_std, "top5_std": top5_std}
+
+
+def metrics_header(protocol: str, cfg: Any, model: nn.Module | None, split: str) -> dict[str, Any]:
+    """The keys every metrics.json starts with (the rest is filled by the protocol)."""
+    info = checkpoint_info(cfg.checkpoint)
+    spec = getattr(model, "spec", None) or {}
+    return {
+        "protocol": protocol,
+        "method": info["method"],
+        "checkpoint": str(cfg.checkpoint),
+        "model": str(spec.get("name") or cfg.model.name),
+        "dataset": str(cfg.data.name),
+        "split": split,
+        "pretrain": info["pretrain"],
+    }
+
+
+def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write `output_dir/metrics.json` atomically (a reader never sees half a file)."""
+    path = Path(output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"metrics.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return config_to_dict(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
