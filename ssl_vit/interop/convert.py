@@ -78,6 +78,14 @@ class ImportInfo:
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The input normalisation recorded with the weights (our run config or timm's), else None."""
+        cfg = self.metadata.get("config") or {}
+        for source in (cfg.get("data") or {}, self.metadata.get("pretrained_cfg") or {}):
+            if source.get("mean") and source.get("std"):
+                return tuple(source["mean"]), tuple(source["std"])
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no tensors)."""
         d = asdict(self)
@@ -106,9 +114,10 @@ def _resolve(path: Path) -> tuple[Path, dict[str, Any] | None, Path | None]:
         weights = path
     else:
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    for cfg_name in (("backbone.json",) if weights.name == "backbone.safetensors" else ()) + ("config.json",):
-        cfg_path = weights.parent / cfg_name
-        if cfg_path.is_file():
+    # `<stem>.json` beside `<stem>.safetensors` is this suite's own metadata (backbone.json,
+    # backbone_ema.json); config.json is Hugging Face's or timm's.
+    for cfg_path in (weights.with_suffix(".json"), weights.parent / "config.json"):
+        if cfg_path.is_file() and cfg_path != weights:
             try:
                 return weights, json.loads(cfg_path.read_text()), cfg_path
             except json.JSONDecodeError as e:
@@ -333,7 +342,8 @@ def to_backbone_state_dict(
     has_decoder = False
     heads_hint: int | None = None  # from a timm architecture name stored in the checkpoint
 
-    if weights.name == "backbone.safetensors" and config and "model" in config:
+    ours = weights.suffix == ".safetensors" and isinstance((config or {}).get("model"), dict)
+    if ours and "name" in config["model"]:
         fmt = "ssl_vit"
         spec = dict(config["model"])
         arch = infer_arch(sd, num_heads=1)  # sizes only; the spec is authoritative
@@ -381,7 +391,8 @@ def to_backbone_state_dict(
     exported_spec = (config or {}).get("ssl_vit", {}).get("spec") if fmt == "timm" else None
     if isinstance(exported_spec, dict) and exported_spec.get("name"):
         spec = dict(exported_spec)  # written by our export: the exact spec, sin-cos flag included
-    meta = {k: v for k, v in (config or {}).items() if not isinstance(v, (dict, list)) or k == "model_args"}
+    keep = ("model_args", "pretrained_cfg", "ssl_vit")  # timm's build args and preprocessing
+    meta = {k: v for k, v in (config or {}).items() if not isinstance(v, (dict, list)) or k in keep}
     return sd, ImportInfo(fmt, str(weights), spec, arch, has_decoder, decoder, notes, meta)
 
 
