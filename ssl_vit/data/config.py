@@ -33,6 +33,9 @@ class DataConfig:
     # None: pin host memory when a GPU is present.
     pin_memory: Optional[bool] = None
     skip_corrupt: bool = False
+    # DeiT's repeated augmentation: each training image appears this many times in a row per epoch
+    # (differently augmented), the epoch keeping its length (make_loader's repeated_aug; DeiT uses 3).
+    repeated_aug: int = 1
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 

@@ -80,7 +80,9 @@ def run_pretrain(cfg: Any) -> dict[str, Any]:
     objective = build_objective(cfg.objective.name, backbone, **obj_kwargs)
 
     transform = getattr(cls, "transform", "supervised")
-    train_loader = make_loader(bundle, "train", transform, cfg.train.batch_size, train=True, seed=cfg.seed)
+    train_loader = make_loader(
+        bundle, "train", transform, cfg.train.batch_size, train=True, seed=cfg.seed, repeated_aug=cfg.data.repeated_aug
+    )
     eval_loader = None
     if needs_labels and bundle.eval is not None:
         eval_loader = make_loader(bundle, "eval", "eval", cfg.train.batch_size, train=False, seed=cfg.seed)
