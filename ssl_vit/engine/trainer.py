@@ -174,6 +174,7 @@ class Trainer:
         self.pos = _Position()
         self.last_checkpoint: Path | None = None
         self._last_saved_step = -1
+        self._last_saved_pos: tuple[int, int, int] | None = None
         self._lr = 0.0
         self._accounted_at = 0.0
 
@@ -264,6 +265,7 @@ class Trainer:
         acc.wait_for_everyone()
         self.last_checkpoint = self.output_dir / ckpt.CHECKPOINT
         self._last_saved_step = self.pos.step
+        self._last_saved_pos = (self.pos.step, self.pos.epoch, self.pos.batch_in_epoch)
         return self.last_checkpoint
 
     def _export_backbones(self, model_state: dict[str, torch.Tensor]) -> None:
@@ -360,6 +362,7 @@ class Trainer:
             self._seed(mix_seed(self.cfg.seed, self.pos.step))
         self.last_checkpoint = folder
         self._last_saved_step = self.pos.step
+        self._last_saved_pos = (self.pos.step, self.pos.epoch, self.pos.batch_in_epoch)
 
     def _seed(self, seed: int) -> None:
         from accelerate.utils import set_seed
@@ -543,8 +546,8 @@ class Trainer:
             bar.close()
 
         self._account_time(session_start)
-        if pos.step != self._last_saved_step:
-            self.save()
+        if (pos.step, pos.epoch, pos.batch_in_epoch) != self._last_saved_pos:
+            self.save()  # the final state (also when the last step's save came before the epoch ended)
         result = self.evaluate()
         pngs = self.visualize(save_png=True)
         seconds = time.perf_counter() - session_start
@@ -562,7 +565,7 @@ class Trainer:
             "images": [str(p) for p in pngs],
         }
         if result is not None:
-            summary.update(top1=result["top1"], top5=result["top5"])
+            summary.update(top1=result["top1"], top5=result["top5"], eval_n=result["n"])
             acc.log({"eval/top1": result["top1"], "eval/top5": result["top5"]}, step=pos.step)
         acc.end_training()
         if acc.is_main_process:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.config import PretrainConfig
+from ssl_vit.engine import Trainer
 from ssl_vit.models import create_backbone
 
 IMG = 8
@@ -75,8 +77,9 @@ class ToyObjective(nn.Module):
         x, y = batch["pixel_values"], batch["labels"]
         feats = self.backbone.forward_features(x)  # (B, 1 + N, D)
         ce = F.cross_entropy(self.backbone.forward_head(feats), y)
-        recon = self.decoder(feats[:, 1:] + self.mask_token).mean()
-        loss = ce + 0.1 * recon.pow(2)
+        # Per-sample terms averaged over the batch: the loss of 4 micro-batches averages to that of one.
+        recon = self.decoder(feats[:, 1:] + self.mask_token).pow(2).mean(dim=(1, 2)).mean()
+        loss = ce + 0.1 * recon
         if self.stochastic:
             weight = torch.rand(feats.shape[0], device=x.device)  # (B,) model-side randomness
             loss = loss + 0.01 * (feats[:, 0].pow(2).mean(-1) * weight).mean()
@@ -95,6 +98,19 @@ class Crash(RuntimeError):
     pass
 
 
+def weights(out) -> dict[str, torch.Tensor]:
+    """The objective's weights in `out/checkpoint-last`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "checkpoint-last" / "model.safetensors"))
+
+
+def assert_equal_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"weights differ: {differ[:5]}"
+
+
 def toy_config(tmp_path, **train) -> PretrainConfig:
     cfg = PretrainConfig(output_dir=str(tmp_path), seed=0)
     cfg.objective.name = "toy"
@@ -108,3 +124,17 @@ def toy_config(tmp_path, **train) -> PretrainConfig:
 def toy_objective(seed: int = 0, **kw) -> ToyObjective:
     torch.manual_seed(seed)
     return ToyObjective(toy_backbone(drop_path_rate=0.1 if kw.get("stochastic", True) else 0.0), **kw)
+
+
+# A run that exercises every source of randomness and state: shuffling, random augmentations (torch
+# and python RNGs), drop path and random terms in the objective, AdamW moments, EMA, layer decay,
+# warmup + cosine, gradient accumulation x2 and an epoch boundary. 24 images, batch 2, accum 2:
+# 6 steps per epoch, 12 steps, 24 forward calls; a checkpoint every 2 steps.
+def resume_config(out, **train):
+    cfg = toy_config(out, save_every=2, grad_accum_steps=2, batch_size=2, ema=True, ema_decay=0.9, **train)
+    cfg.optim = dataclasses.replace(cfg.optim, layer_decay=0.75)
+    return cfg
+
+
+def resume_run(out, crash_at=None, **train):
+    return Trainer(resume_config(out, **train), toy_objective(crash_at=crash_at), toy_loader(n=24, batch_size=2)).fit()

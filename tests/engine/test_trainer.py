@@ -1,0 +1,158 @@
+"""The training loop on CPU: outputs, exact resume, accumulation, non-finite guard, limits, logging."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toys import Crash, assert_equal_weights, resume_config, resume_run, toy_config, toy_loader, toy_objective, weights
+
+from ssl_vit.engine import NonFiniteLossError, Trainer
+from ssl_vit.engine import trainer as trainer_module
+
+
+def test_fit__writes_checkpoint_backbone_config_tensorboard_images_and_summary(reference, capsys):
+    out, summary = reference
+    assert summary["steps"] == 12 and summary["images_seen"] == 48 and summary["epochs"] == 2
+    assert summary["output_dir"] == str(out) and summary["images_per_sec"] > 0 and summary["loss"] > 0
+    names = sorted(p.name for p in (out / "checkpoint-last").iterdir())
+    assert names == ["ema.safetensors", "model.safetensors", "optimizer.pt", "rng", "trainer_state.json"]
+    assert {k.split(".")[0] for k in weights(out)} == {"backbone", "decoder", "mask_token"}
+    state = json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["objective"] == "toy" and meta["step"] == 12 and meta["config"]["train"]["grad_accum_steps"] == 2
+    assert meta["timm"][0].startswith("vit_")
+    assert set(load_file(str(out / "backbone.safetensors"))) == {k[len("backbone.") :] for k in weights(out) if k.startswith("backbone.")}
+    assert (out / "backbone_ema.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert (out / "toy_grid.png").is_file() and summary["images"] == [str(out / "toy_grid.png")]
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_fit__tensorboard_has_every_objective_scalar_lr_grad_norm_speed_epoch_and_images(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = reference
+    events = EventAccumulator(str(out / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ["loss", "ce", "recon", "lr", "grad_norm", "images_per_sec", "epoch"]:
+        assert f"train/{tag}" in tags, tag
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))  # log_every=1
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(lrs[2])  # 2 warmup steps, then decay
+    assert "vis/toy_grid" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        3,  # before the first checkpoint: the relaunch starts afresh
+        7,  # mid accumulation, after the checkpoint at step 2
+        10,  # just after a checkpoint (step 4 = call 8) and one more step
+        13,  # the first call of epoch 2 (checkpoint at step 6 = end of epoch 1)
+        22,  # late in epoch 2
+    ],
+)
+def test_resume__run_killed_at_any_step_and_relaunched_ends_with_equal_weights(reference, tmp_path, crash_at):
+    ref_out, _ = reference
+    with pytest.raises(Crash):
+        resume_run(tmp_path, crash_at=crash_at)
+    summary = resume_run(tmp_path)  # train.resume=auto
+    assert summary["steps"] == 12 and summary["images_seen"] == 48
+    assert_equal_weights(weights(tmp_path), weights(ref_out))
+    assert_equal_weights(load_file(str(tmp_path / "checkpoint-last/ema.safetensors")), load_file(str(ref_out / "checkpoint-last/ema.safetensors")))
+    assert_equal_weights(load_file(str(tmp_path / "backbone.safetensors")), load_file(str(ref_out / "backbone.safetensors")))
+
+
+def test_resume__twice_killed_still_equal_and_finished_run_relaunch_adds_nothing(reference, tmp_path):
+    ref_out, _ = reference
+    for crash_at in (5, 17):
+        with pytest.raises(Crash):
+            resume_run(tmp_path, crash_at=crash_at)
+    resume_run(tmp_path)
+    summary = resume_run(tmp_path)  # already done: nothing to train
+    assert summary["steps"] == 12
+    assert_equal_weights(weights(tmp_path), weights(ref_out))
+
+
+def test_resume__never_starts_afresh(reference, tmp_path):
+    with pytest.raises(Crash):
+        resume_run(tmp_path, crash_at=11)
+    summary = resume_run(tmp_path, resume="never", max_steps=1)
+    assert summary["steps"] == 1
+
+
+def test_seed__other_seed_gives_other_weights(reference, tmp_path):
+    ref_out, _ = reference
+    cfg = resume_config(tmp_path, max_steps=2)
+    cfg.seed = 1
+    Trainer(cfg, toy_objective(), toy_loader(n=24, batch_size=2)).fit()
+    a, b = weights(tmp_path), weights(ref_out)
+    assert not torch.equal(a["backbone.blocks.0.attn.qkv.weight"], b["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_grad_accum__x4_with_batch_b_matches_one_batch_of_4b(tmp_path):
+    def run(out, batch, accum):
+        cfg = toy_config(out, batch_size=batch, grad_accum_steps=accum, epochs=1, save_every=0)
+        # SGD: the update is linear in the gradient, so fp32 summation-order noise stays ~1e-8 (Adam's
+        # normalisation would blow the noise of near-zero gradients up to a sizeable fraction of a step).
+        cfg.optim = dataclasses.replace(cfg.optim, name="sgd", blr=1.0)
+        loader = toy_loader(n=32, batch_size=batch)
+        return Trainer(cfg, toy_objective(stochastic=False), loader).fit()
+
+    big, small = run(tmp_path / "big", 8, 1), run(tmp_path / "small", 2, 4)
+    assert big["steps"] == small["steps"] == 4 and big["images_seen"] == small["images_seen"] == 32
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "small")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    assert not torch.equal(a["backbone.blocks.0.attn.qkv.weight"], toy_objective().state_dict()["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_nonfinite_loss__stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = toy_config(tmp_path, save_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*checkpoint-last \(step 4\).*skip_nonfinite"):
+        Trainer(cfg, toy_objective(nan_at={5}), toy_loader()).fit()
+    state = json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+
+
+def test_nonfinite_loss__skipped_and_counted_when_asked(tmp_path):
+    cfg = toy_config(tmp_path, skip_nonfinite=True, max_steps=6)
+    summary = Trainer(cfg, toy_objective(nan_at={2, 5}), toy_loader()).fit()
+    assert summary["steps"] == 6 and summary["nonfinite_skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+
+
+@pytest.mark.parametrize("epochs, max_steps, steps", [(3, 5, 5), (1, 100, 8), (2, None, 16)])
+def test_limits__the_first_of_epochs_and_max_steps_ends_the_run(tmp_path, epochs, max_steps, steps):
+    cfg = toy_config(tmp_path, epochs=epochs, max_steps=max_steps, save_every=0, log_every=100)
+    trainer = Trainer(cfg, toy_objective(stochastic=False), toy_loader())  # 8 steps per epoch
+    assert trainer.total_steps == steps
+    assert trainer.fit()["steps"] == steps
+    # The schedule is laid out over the run: the last step's lr is the end of the cosine.
+    assert trainer.lr_at(steps) == pytest.approx(cfg.optim.min_lr)
+
+
+def test_eval__top1_top5_reported_for_a_classifier_backbone(tmp_path):
+    cfg = toy_config(tmp_path, max_steps=2, save_every=0)
+    summary = Trainer(cfg, toy_objective(), toy_loader(), toy_loader(n=10, batch_size=4, shuffle=False, drop_last=False)).fit()
+    assert 0.0 <= summary["top1"] <= summary["top5"] == 100.0  # 3 classes: top-5 covers all
+
+
+def test_mixed_precision__fp16_without_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        Trainer(toy_config(tmp_path, mixed_precision="fp16"), toy_objective(), toy_loader())
+
+
+def test_mixed_precision__bf16_on_cpu_without_native_bf16_warns(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.engine"):
+        summary = Trainer(toy_config(tmp_path, mixed_precision="bf16", max_steps=1, save_every=0), toy_objective(), toy_loader()).fit()
+    assert "slower" in caplog.text and summary["steps"] == 1
