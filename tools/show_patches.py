@@ -116,8 +116,7 @@ def draw_similarity(similarity: torch.Tensor, label: str, out: Path) -> Path:
     mosaic = similarity_mosaic(similarity)
     side = max(5.0, 0.38 * gw + 2)
     fig, ax = plt.subplots(figsize=(side + 1.2, side + 0.6))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     # The data's own range: sin-cos embeddings, for one, are all fairly similar (0.6..1) and would
     # show as one flat colour on a -1..1 scale.
     lo = float(similarity.min())
