@@ -3,8 +3,9 @@
 Why per-sample seeds: a resumed run skips the batches it already saw without loading them, and a
 2-process run loads each sample in another process than a 1-process run. If augmentations drew from
 one shared random stream, both would see different crops. Here every sample's augmentation is seeded
-by (run seed, epoch, sample index), and the caller's random state is restored afterwards, so the
-global random stream belongs to the model alone (masking noise, drop path), saved with checkpoints.
+by (run seed, epoch, position of the sample in the epoch), and the caller's random state is restored
+afterwards, so the global random stream belongs to the model alone (masking noise, drop path) and is
+saved with checkpoints.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 
-__all__ = ["SeededSamples", "capture_rng", "isolated_rng", "mix_seed", "restore_rng", "seeded_loader", "set_loader_epoch"]
+__all__ = [
+    "EpochPermutation",
+    "Positioned",
+    "PositionedBatches",
+    "SeededSamples", "capture_rng", "isolated_rng", "mix_seed", "restore_rng", "seeded_loader", "set_loader_epoch"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -59,9 +64,12 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 class SeededSamples(Dataset):
-    """A map-style dataset whose item i is computed with RNG seeded by (seed, epoch, i).
+    """A map-style dataset read with `(index, position)` keys: item `index`, its randomness seeded by
+    (seed, epoch, position), where position is the sample's place in the epoch's sample stream.
 
-    The epoch lives in a shared-memory tensor so loader workers (persistent or not) see `set_epoch`.
+    Seeding by position rather than index gives repeated augmentation (the same index several times
+    in an epoch) different views. The epoch lives in a shared-memory tensor so loader workers
+    (persistent or not) see `set_epoch`.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -75,8 +83,9 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Any:
-        with isolated_rng(mix_seed(self.seed, int(self._epoch), int(index))):
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, position = key
+        with isolated_rng(mix_seed(self.seed, int(self._epoch), int(position))):
             return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:
@@ -86,11 +95,59 @@ class SeededSamples(Dataset):
         return getattr(self.dataset, name)
 
 
-def seeded_loader(loader: DataLoader, seed: int) -> DataLoader:
-    """The same loader over `SeededSamples(loader.dataset)`, with its own generator.
+class EpochPermutation(Sampler[int]):
+    """A permutation of range(n) seeded by (seed, epoch): the same in every process, no syncing needed."""
 
-    Its own generator keeps worker seeding and shuffling off the global random stream. Iterable
-    (streamed) datasets have no sample index and are returned unchanged.
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class Positioned(Sampler[tuple[int, int]]):
+    """Yields (index, position in the epoch) from a sampler of indices."""
+
+    # No set_epoch of its own: `set_loader_epoch` reaches the wrapped sampler (once).
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, position) for position, index in enumerate(self.sampler))
+
+
+class PositionedBatches(Sampler[list[tuple[int, int]]]):
+    """Yields batches of (index, position in the epoch) from a batch sampler."""
+
+    def __init__(self, batch_sampler: Any) -> None:
+        self.batch_sampler = batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        position = 0
+        for batch in self.batch_sampler:
+            yield [(index, position + k) for k, index in enumerate(batch)]
+            position += len(batch)
+
+
+def seeded_loader(loader: DataLoader, seed: int) -> DataLoader:
+    """The same loader over `SeededSamples(loader.dataset)`: reproducible wherever a sample is loaded.
+
+    A shuffling loader gets an `EpochPermutation` of (seed, epoch); other samplers are kept and
+    numbered. The loader's own generator keeps worker seeding off the global random stream.
+    Iterable (streamed) datasets have no sample index and are returned unchanged.
     """
     dataset = loader.dataset
     if isinstance(dataset, IterableDataset) or isinstance(dataset, SeededSamples):
@@ -112,15 +169,14 @@ def seeded_loader(loader: DataLoader, seed: int) -> DataLoader:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     if hasattr(loader, "in_order"):
         kwargs["in_order"] = loader.in_order
-    if loader.batch_size is None:  # a custom batch sampler: keep it
-        return DataLoader(wrapped, batch_sampler=loader.batch_sampler, **kwargs)
+    if loader.batch_size is None:  # a custom batch sampler: keep it, number its samples
+        return DataLoader(wrapped, batch_sampler=PositionedBatches(loader.batch_sampler), **kwargs)
     sampler = loader.sampler
     if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None:
-        # shuffle=True: Accelerate swaps it for a sampler seeded by (data_seed + epoch).
-        return DataLoader(wrapped, batch_size=loader.batch_size, shuffle=True, drop_last=loader.drop_last, **kwargs)
-    if isinstance(sampler, SequentialSampler):
-        return DataLoader(wrapped, batch_size=loader.batch_size, shuffle=False, drop_last=loader.drop_last, **kwargs)
-    return DataLoader(wrapped, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last, **kwargs)
+        sampler = EpochPermutation(len(dataset), mix_seed(seed, 0x5A3))  # shuffle=True
+    return DataLoader(
+        wrapped, batch_size=loader.batch_size, sampler=Positioned(sampler), drop_last=loader.drop_last, **kwargs
+    )
 
 
 def set_loader_epoch(loader: Any, epoch: int) -> None:

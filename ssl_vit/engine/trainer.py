@@ -386,18 +386,24 @@ class Trainer:
         """Log `objective.visualize(fixed batch)` images to TensorBoard; at the end also as PNG files."""
         acc = self.accelerator
         objective = self.unwrapped
-        if self._vis_batch is None or not hasattr(objective, "visualize") or not acc.is_main_process or self.fsdp:
+        if self._vis_batch is None or not acc.is_main_process or self.fsdp:
             return []
         from accelerate.utils import send_to_device
+
+        from ssl_vit.viz.attention import attention_images
 
         was_training = objective.training
         objective.eval()
         try:
             with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), acc.autocast():
-                images = objective.visualize(send_to_device(self._vis_batch, acc.device))
+                batch = send_to_device(self._vis_batch, acc.device)
+                images = objective.visualize(batch) if hasattr(objective, "visualize") else {}
+                attention = attention_images(objective, batch, self.cfg)  # TensorBoard only, no PNG
         finally:
             objective.train(was_training)
         writer = acc.get_tracker("tensorboard", unwrap=True)
+        for name, image in attention.items():
+            writer.add_image(f"vis/{name}", image, global_step=self.pos.step)
         written = []
         for name, image in images.items():
             image = image.detach().float().clamp(0, 1).cpu()  # (3, H, W)
