@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ssl_vit.viz.images import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize, image_grid, overlay
 
-__all__ = ["attention_grid", "attention_maps", "attention_matrices", "rollout", "rollout_from", "upsample"]
+__all__ = ["attention_grid", "attention_images", "attention_maps", "attention_matrices", "rollout", "rollout_from", "upsample"]
 
 
 def _attention_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
@@ -117,3 +117,20 @@ def attention_grid(
         maps = torch.cat([rolled[i], heads[i]]).cpu()  # (1 + heads, H, W)
         rows.append([picture] + [overlay(picture, heat) for heat in colorize(maps)])
     return image_grid(rows, cell=cell)
+
+
+def attention_images(
+    objective: nn.Module, batch: dict[str, torch.Tensor], cfg: object = None, max_images: int = 4
+) -> dict[str, torch.Tensor]:
+    """`{"attention": grid}` of the objective's backbone on a batch, for the trainer's TensorBoard.
+
+    Empty when the backbone is not a ViT (e.g. a convnet teacher being trained). `cfg.data.mean/std`
+    (when given) undo the input normalisation for display.
+    """
+    backbone = getattr(objective, "backbone", None)
+    if backbone is None or not hasattr(backbone, "blocks") or not hasattr(backbone, "patch_embed"):
+        return {}
+    data = getattr(cfg, "data", None)
+    mean = tuple(getattr(data, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(data, "std", IMAGENET_STD))
+    return {"attention": attention_grid(backbone, batch["pixel_values"][:max_images], mean=mean, std=std)}

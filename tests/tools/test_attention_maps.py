@@ -103,3 +103,18 @@ def test_attention_maps_tool__writes_png_for_a_run_and_an_image_folder(tmp_path)
     for png in ("a.png", "b.png"):
         with Image.open(tmp_path / png) as im:
             assert im.format == "PNG" and im.width > 600 and im.height > 300
+
+
+def test_attention_images__trainer_hook_grid_for_vit_and_nothing_for_convnets():
+    import timm
+    from types import SimpleNamespace
+
+    from ssl_vit.viz.attention import attention_images
+
+    batch = {"pixel_values": _images(6)}
+    cfg = SimpleNamespace(data=SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2)))
+    images = attention_images(SimpleNamespace(backbone=_backbone()), batch, cfg)
+    assert list(images) == ["attention"] and images["attention"].shape[0] == 3
+    assert images["attention"].shape[1] == 4 * (96 + 2) + 2  # at most 4 images
+    convnet = SimpleNamespace(backbone=timm.create_model("resnet10t", num_classes=0))
+    assert attention_images(convnet, batch, cfg) == {}
