@@ -12,8 +12,9 @@ At eval the backbone averages the two heads' logits (timm's `deit_*_distilled_*`
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,17 @@ from ssl_vit.objectives.supervised import (
     top1_accuracy,
 )
 
-__all__ = ["DeiTDistillation", "TeacherError", "hard_distillation_loss", "load_teacher", "soft_distillation_loss"]
+__all__ = [
+    "DeiTDistillation",
+    "TeacherError",
+    "hard_distillation_loss",
+    "has_checkpoint",
+    "load_teacher",
+    "soft_distillation_loss",
+    "train_missing_teacher",
+]
+
+log = logging.getLogger(__name__)
 
 DistillType = Literal["hard", "soft", "none"]
 
@@ -59,7 +70,7 @@ def soft_distillation_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tens
 
 def _checkpoint_files(path: Path) -> tuple[Path, Path]:
     """(weights, backbone.json) of a supervised-recipe run directory or its backbone.safetensors."""
-    weights = path / "backbone.safetensors" if path.is_dir() else path
+    weights = path / "backbone.safetensors" if path.is_dir() or not path.suffix else path
     meta = weights.with_suffix(".json")
     if not weights.is_file() or not meta.is_file():
         raise TeacherError(
@@ -251,3 +262,89 @@ class DeiTDistillation(nn.Module):
         if not mixed:
             out["top1"] = top1_accuracy((cls_logits.detach() + dist_logits.detach()) / 2, labels)
         return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# A teacher trained on the spot (recipes/deit_pretrain.py)
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a run directory (or backbone.safetensors) with a complete teacher checkpoint."""
+    path = Path(path)
+    weights = path / "backbone.safetensors" if path.is_dir() or not path.suffix else path
+    return weights.is_file() and weights.with_suffix(".json").is_file()
+
+
+# Data keys a trained-on-the-spot teacher takes from its own config; all others come from the student's.
+_TEACHER_AUGMENTATION = (
+    "crop_scale_min",
+    "interpolation",
+    "hflip",
+    "auto_augment",
+    "reprob",
+    "remode",
+    "recount",
+    "color_jitter",
+    "repeated_aug",
+)
+
+
+def train_missing_teacher(cfg: Any) -> Any:
+    """Before a DeiT run: train the teacher with the supervised recipe when its checkpoint is missing.
+
+    `cfg` is a `PretrainConfig`. With `distill.train_teacher` (a supervised-recipe YAML) set and
+    `distill.teacher` unset, the teacher goes to `<output_dir>/teacher`; with `distill.teacher` a
+    directory that holds no checkpoint yet, it goes there. The teacher run takes this run's `data.*`
+    (same images, classes, splits, normalisation) except the augmentation keys, and this run's `seed`;
+    the rest comes from its YAML. A timm name or an existing checkpoint is left alone.
+    Returns `cfg`, with `distill.teacher` set.
+    """
+    import copy
+    import dataclasses
+
+    distill = cfg.distill
+    if distill.type == "none" or distill.train_teacher is None:
+        return cfg
+    if distill.teacher is None:
+        distill.teacher = str(Path(cfg.output_dir) / "teacher")
+    target = Path(distill.teacher)
+    if not (target.exists() or len(target.parts) > 1) and _is_timm_name(distill.teacher):
+        return cfg  # a timm name: the objective loads it with its published weights
+    if has_checkpoint(target):
+        _say(f"DeiT teacher: using the checkpoint in {target}")
+        return cfg
+    from ssl_vit.config import PretrainConfig, load_config
+    from ssl_vit.engine import run_pretrain
+
+    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=distill.train_teacher)
+    teacher_cfg.output_dir = str(target)
+    teacher_cfg.seed = cfg.seed
+    # The student's data with the teacher's own augmentation: a teacher is trained to be right, the
+    # student with DeiT's heavy augmentation (RandAugment, erasing, repeated aug).
+    own_augmentation = {k: getattr(teacher_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
+    teacher_cfg.data = dataclasses.replace(copy.deepcopy(cfg.data), **own_augmentation)
+    _say(
+        f"DeiT teacher: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first "
+        f"(supervised recipe, {distill.train_teacher}, on this run's data)"
+    )
+    summary = run_pretrain(teacher_cfg)
+    if not has_checkpoint(target):
+        raise TeacherError(f"the teacher run finished but wrote no backbone.safetensors/backbone.json in {target}.")
+    accuracy = f", eval top-1 {summary['top1']:.2f}%" if "top1" in summary else ""
+    _say(f"DeiT teacher ready in {target}{accuracy}; now distilling into {cfg.model.name}")
+    return cfg
+
+
+def _say(message: str) -> None:
+    """One line in the run's log (the main process only, as the trainer's own lines)."""
+    from accelerate import PartialState
+
+    log.info(message)
+    if PartialState().is_main_process:
+        print(f"[ssl_vit] {message}", flush=True)
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)

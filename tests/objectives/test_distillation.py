@@ -233,3 +233,47 @@ def test_non_distilled_student__is_a_clear_error() -> None:
     plain = create_backbone("vit_nano_patch4_32", depth=1, embed_dim=32, num_heads=2, img_size=16, num_classes=4)
     with pytest.raises(ValueError, match="deit_tiny_distilled_patch4_32"):
         DeiTDistillation(plain, type="none")
+
+
+def test_train_missing_teacher__trains_on_the_students_data_with_the_teachers_augmentation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    import ssl_vit.engine
+    from ssl_vit.config import PretrainConfig, load_config
+    from ssl_vit.objectives.distillation import train_missing_teacher
+
+    teacher_yaml = tmp_path / "teacher.yaml"
+    teacher_yaml.write_text(
+        yaml.safe_dump({"model": {"name": "test_resnet"}, "data": {"name": "elsewhere", "auto_augment": None, "repeated_aug": 1}})
+    )
+    runs = []
+
+    def fake_run(cfg):  # stands in for the engine: records the config, writes a checkpoint
+        runs.append(cfg)
+        write_run_dir(bn_teacher(10), Path(cfg.output_dir))
+        return {"top1": 50.0}
+
+    monkeypatch.setattr(ssl_vit.engine, "run_pretrain", fake_run)
+    argv = [
+        "objective.name=deit",
+        f"output_dir={tmp_path / 'student'}",
+        f"distill.train_teacher={teacher_yaml}",
+        "seed=7",
+        "data.synthetic_train_size=64",
+        "data.repeated_aug=3",
+        "data.auto_augment=rand-m9-mstd0.5-inc1",
+    ]
+    cfg = train_missing_teacher(load_config(PretrainConfig, argv))
+    assert cfg.distill.teacher == str(tmp_path / "student" / "teacher")
+    (teacher_cfg,) = runs
+    assert teacher_cfg.objective.name == "supervised" and teacher_cfg.model.name == "test_resnet"
+    assert teacher_cfg.output_dir == cfg.distill.teacher and teacher_cfg.seed == 7
+    assert teacher_cfg.data.name == "synthetic" and teacher_cfg.data.synthetic_train_size == 64  # the student's
+    assert teacher_cfg.data.repeated_aug == 1 and teacher_cfg.data.auto_augment is None  # the teacher's own
+    train_missing_teacher(cfg)  # the checkpoint exists now: nothing is trained again
+    assert len(runs) == 1
+    cfg.distill.teacher, cfg.distill.train_teacher = "resnet18", str(teacher_yaml)
+    train_missing_teacher(cfg)  # a timm name is the objective's business
+    assert len(runs) == 1
