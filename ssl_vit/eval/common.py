@@ -17,9 +17,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ssl_vit.config import config_to_dict
+from ssl_vit.config import ConfigError, config_to_dict
 
 __all__ = [
+    "check_eval_config",
     "checkpoint_info",
     "eval_seeds",
     "eval_split_name",
@@ -76,25 +77,56 @@ def checkpoint_info(checkpoint: str) -> dict[str, Any]:
     return {"method": str(method) if method else "external", "pretrain": pretrain, "backbone_json": meta}
 
 
-def load_eval_backbone(checkpoint: str, model_cfg: Any, data_cfg: Any, seed: int) -> nn.Module:
+def check_eval_config(cfg: Any) -> None:
+    """Settings an evaluation cannot honour, refused before any work with the fix."""
+    if getattr(cfg.model, "checkpoint", None):
+        raise ConfigError(
+            f"model.checkpoint={cfg.model.checkpoint!r} is a pretraining setting: the eval recipes take "
+            f"checkpoint={cfg.model.checkpoint} (top level) and leave model.checkpoint unset."
+        )
+
+
+@dataclasses.dataclass
+class _ImageSizeOnly:
+    """What `load_backbone` may change in a saved architecture for frozen features: the image size."""
+
+    img_size: int
+    drop_path_rate: None = None
+    global_pool: None = None
+
+
+def load_eval_backbone(
+    checkpoint: str, model_cfg: Any, data_cfg: Any, seed: int, num_classes: int = 0, frozen: bool = True
+) -> nn.Module:
     """The backbone to judge: `checkpoint` through `ssl_vit.engine.load_backbone`, or a random init.
 
-    A random backbone is drawn from `seed`, so that repeating with several seeds measures the spread
-    of the random-init floor too. The image size defaults to `data.image_size`.
+    A random backbone is `model.*` drawn from `seed`, so that repeating with several seeds measures
+    the spread of the random-init floor too. The image size defaults to `data.image_size`.
+    `frozen=True` (kNN, probe): a checkpoint keeps its saved pooling and drop path (only the image size
+    follows the config) and loses its head (`num_classes=0`). `frozen=False` (fine-tune): `model.global_pool`
+    and `model.drop_path_rate` apply too.
     """
     from ssl_vit.engine import load_backbone
 
-    if model_cfg.img_size is None:
-        model_cfg = dataclasses.replace(model_cfg, img_size=data_cfg.image_size)
+    img_size = model_cfg.img_size or data_cfg.image_size
+    model_cfg = dataclasses.replace(model_cfg, img_size=img_size)
     if checkpoint == "random":
         torch.manual_seed(seed)
-    return load_backbone(checkpoint, model_cfg)
+        return load_backbone("random", model_cfg, num_classes=num_classes)
+    return load_backbone(checkpoint, _ImageSizeOnly(img_size) if frozen else model_cfg, num_classes=num_classes)
 
 
-def make_accelerator(output_dir: str | Path, mixed_precision: str = "no") -> Any:
-    """An Accelerator that logs to TensorBoard under `output_dir/tb` (as the engine does)."""
+def make_accelerator(output_dir: str | Path, mixed_precision: str | None = None) -> Any:
+    """An Accelerator that logs to TensorBoard under `output_dir/tb` (as the engine does).
+
+    Accelerate keeps one state per process; like the engine, a new evaluation in the same process gets
+    a fresh one (the process group is kept), so its precision follows its own config.
+    """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=str(output_dir))
     accelerator.init_trackers("tb")
     return accelerator
@@ -102,12 +134,12 @@ def make_accelerator(output_dir: str | Path, mixed_precision: str = "no") -> Any
 
 def eval_split_name(data_cfg: Any, bundle: Any = None) -> str:
     """The eval split as the table shows it: its name, or how it was carved from the train split."""
-    name = getattr(bundle, "eval_split", None) if bundle is not None else None
-    if isinstance(name, str) and name:
-        return name
+    if bundle is not None and getattr(bundle, "eval_carved", False):
+        return f"{data_cfg.train_split}[carved val {data_cfg.val_fraction:g}, split_seed {data_cfg.split_seed}]"
     if data_cfg.eval_split:
         return data_cfg.eval_split
-    return f"{data_cfg.train_split}[val {data_cfg.val_fraction:g}]"
+    own = getattr(getattr(bundle, "eval", None), "split", None)  # the data's own validation/test split
+    return str(own) if own else "eval"
 
 
 def summarize_seeds(per_seed: list[dict[str, Any]]) -> dict[str, float]:

@@ -39,6 +39,9 @@ class FeaturesConfig:
     # Features are cached here as safetensors, keyed by checkpoint + data + transform + pooling, so
     # several probes of one checkpoint compute them once. null: no cache.
     cache_dir: Optional[str] = "outputs/feature_cache"
+    # Precision of the feature pass; None: as `accelerate launch` was configured ("no" on CPU).
+    # In YAML write "no" quoted (a bare no is the boolean false).
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
 
 
 @dataclass
@@ -97,8 +100,6 @@ class KNNEvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
-    # Mixed precision of the feature pass ("no" on CPU).
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 @dataclass

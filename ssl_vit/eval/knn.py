@@ -10,6 +10,7 @@ dataset size (ImageNet's 1.28M training images included).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,8 +98,8 @@ def knn_accuracy(
     for k, p in preds.items():
         hits = p == y  # (Q, 5)
         out[k] = {
-            "top1": 100.0 * hits[:, 0].float().mean().item(),
-            "top5": 100.0 * hits.any(dim=1).float().mean().item(),
+            "top1": 100.0 * hits[:, 0].double().mean().item(),
+            "top5": 100.0 * hits.any(dim=1).double().mean().item(),
         }
     return out
 
@@ -109,9 +110,12 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     Every process holds the gathered features and computes the same neighbours (the search is small
     next to the feature pass), so the result does not depend on the number of processes.
     """
+    from accelerate import PartialState
+
     from ssl_vit.config import save_config
     from ssl_vit.data import load_data
     from ssl_vit.eval.common import (
+        check_eval_config,
         eval_seeds,
         eval_split_name,
         load_eval_backbone,
@@ -123,33 +127,35 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     from ssl_vit.eval.features import split_features
 
     start = time.perf_counter()
+    check_eval_config(cfg)
     ks = sorted(set(cfg.knn.ks))
     if cfg.knn.report_k not in ks:
         raise ValueError(f"knn.report_k={cfg.knn.report_k} is not in knn.ks={ks}: add it to knn.ks or change report_k.")
     seeds = eval_seeds(cfg)
-    accelerator = make_accelerator(cfg.output_dir, cfg.mixed_precision)
-    bundle = load_data(cfg.data, need_labels=True)
+    with PartialState().local_main_process_first():
+        bundle = load_data(cfg.data, need_labels=True, seed=cfg.seed)
+    accelerator = make_accelerator(cfg.output_dir, cfg.features.mixed_precision)
     model = None
+    result: dict[int, dict[str, float]] | None = None
     per_seed, by_k_runs = [], []
-    last: tuple[Any, dict] | None = None  # (feature identity, result): a real checkpoint is seed-free
-    feature_seconds = 0.0
+    feature_seconds = knn_seconds = 0.0
     n_train = n_eval = 0
     for seed in seeds:
-        if model is None or cfg.checkpoint == "random":
+        # kNN of a saved checkpoint is deterministic: one search serves every seed. A random init is
+        # redrawn per seed, so its spread is measured.
+        if result is None or cfg.checkpoint == "random":
             model = load_eval_backbone(cfg.checkpoint, cfg.model, cfg.data, seed)
-        if last is not None and cfg.checkpoint != "random":
-            result = last[1]
-        else:
             t0 = time.perf_counter()
             train_f, train_y, _ = split_features(cfg, model, bundle, "train", seed, accelerator)
             eval_f, eval_y, _ = split_features(cfg, model, bundle, "eval", seed, accelerator)
-            feature_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
             n_train, n_eval = len(train_y), len(eval_y)
             result = knn_accuracy(
                 train_f.to(accelerator.device), train_y, eval_f, eval_y, bundle.num_classes, ks=ks,
                 temperature=cfg.knn.temperature, query_chunk=cfg.knn.query_chunk, train_chunk=cfg.knn.train_chunk,
             )
-            last = (seed, result)
+            feature_seconds += t1 - t0
+            knn_seconds += time.perf_counter() - t1
         best = result[cfg.knn.report_k]
         per_seed.append({"seed": seed, "top1": best["top1"], "top5": best["top5"]})
         by_k_runs.append(result)
@@ -165,6 +171,7 @@ def run_knn(cfg: Any) -> dict[str, Any]:
         per_seed=per_seed,
         seconds=time.perf_counter() - start,
         feature_seconds=feature_seconds,
+        knn_seconds=knn_seconds,
         n_train=n_train,
         n_eval=n_eval,
         by_k={str(k): sum(r[k]["top1"] for r in by_k_runs) / len(by_k_runs) for k in ks},
@@ -172,10 +179,10 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     )
     if accelerator.is_main_process:
         write_metrics(cfg.output_dir, metrics)
-        save_config(cfg, f"{cfg.output_dir}/config.yaml")
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     accelerator.end_training()
     accelerator.print(
-        f"kNN (k={cfg.knn.report_k}) {metrics['method']} {metrics['model']} on {metrics['dataset']}: top-1 "
+        f"[ssl_vit] kNN (k={cfg.knn.report_k}) {metrics['method']} {metrics['model']} on {metrics['dataset']}: top-1 "
         f"{metrics['top1']:.2f} +- {metrics['top1_std']:.2f}; "
         + ", ".join(f"k={k}: {v:.2f}" for k, v in metrics["by_k"].items())
         + f"; {cfg.output_dir}/metrics.json"
