@@ -42,6 +42,13 @@ def mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def _seed_all(seed: int) -> None:
+    """Seed the CPU torch, python and numpy streams (CUDA untouched: see `isolated_rng`)."""
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
 @contextlib.contextmanager
 def isolated_rng(seed: int) -> Iterator[None]:
     """Run a block with CPU torch / random / numpy seeded by `seed`, then restore the previous states.
@@ -52,9 +59,7 @@ def isolated_rng(seed: int) -> Iterator[None]:
     torch_state = torch.get_rng_state()
     py_state = random.getstate()
     np_state = np.random.get_state()
-    torch.random.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
+    _seed_all(seed)
     try:
         yield
     finally:
@@ -85,12 +90,18 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, position = key
-        with isolated_rng(mix_seed(self.seed, int(self._epoch), int(position))):
+        seed = mix_seed(self.seed, int(self._epoch), int(position))
+        if torch.utils.data.get_worker_info() is not None:
+            # A loader worker's random streams serve the data alone: seeding is enough (and cheaper).
+            _seed_all(seed)
+            return self.dataset[index]
+        with isolated_rng(seed):
             return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:
-        # Only called for missing attributes; `dataset` itself may be missing while unpickling.
-        if name == "dataset":
+        # Only called for missing attributes; `dataset` itself may be missing while unpickling, and
+        # dunders (`__getitems__`: batched fetching by plain indices) must not reach the inner dataset.
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
