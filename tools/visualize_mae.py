@@ -34,7 +34,9 @@ def load_run(run_dir: Path, mask_ratio: float | None = None, checkpoint: Path | 
         raise SystemExit(f"error: {config_file} not found: --run must be the output_dir of an MAE pretraining run.")
     cfg = config_from_dict(PretrainConfig, read_yaml(config_file))
     if cfg.objective.name != "mae":
-        raise SystemExit(f"error: {run_dir} trained objective '{cfg.objective.name}', not 'mae': nothing to reconstruct.")
+        raise SystemExit(
+            f"error: {run_dir} trained objective '{cfg.objective.name}', not 'mae': nothing to reconstruct."
+        )
     weights = checkpoint or run_dir / "checkpoint-last" / "model.safetensors"
     if not weights.is_file():
         raise SystemExit(f"error: {weights} not found: has the run saved a checkpoint yet (train.save_every)?")

@@ -133,7 +133,9 @@ class MAE(nn.Module):
 
     # -- the model -----------------------------------------------------------------------------
 
-    def make_noise(self, batch_size: int, device: torch.device | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def make_noise(
+        self, batch_size: int, device: torch.device | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Uniform masking noise: (B, N)."""
         return torch.rand(batch_size, self.num_patches, device=device, generator=generator)
 
@@ -145,7 +147,9 @@ class MAE(nn.Module):
             )
         return noise
 
-    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, images: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask and encode the visible patches.
 
         Args: images (B, 3, H, W); noise (B, N) or None (fresh uniform noise).
@@ -193,7 +197,9 @@ class MAE(nn.Module):
     # -- reconstructions -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def reconstruct(self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed images and the pixel mask, in the input's (normalised) space.
 
         With norm_pix_loss the prediction is per-patch normalised; it is mapped back with each true

@@ -86,7 +86,7 @@ def test_hf_vitmae_loss__equals_ours_with_imported_weights_and_same_noise(norm_p
     with torch.no_grad():
         theirs = hf(pixel_values=images, noise=noise)
         mine = ours({"pixel_values": images, "noise": noise})
-        latent, _, mask = ours.encode(images, noise)
+        _, _, mask = ours.encode(images, noise)
     torch.testing.assert_close(mine["loss"], theirs.loss, rtol=0, atol=1e-5)
     torch.testing.assert_close(mask, theirs.mask)  # the same noise -> mask convention
 

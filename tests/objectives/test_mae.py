@@ -9,7 +9,7 @@ from ssl_vit.models import create_backbone
 from ssl_vit.objectives import OBJECTIVES, build_objective
 from ssl_vit.objectives.config import MAEConfig
 from ssl_vit.objectives.mae import MAE
-from ssl_vit.objectives.masking import patchify
+from ssl_vit.objectives.masking import patchify, unpatchify
 
 IMG, PATCH = 16, 4  # a 4x4 grid: N = 16 patches
 N = (IMG // PATCH) ** 2
@@ -105,8 +105,6 @@ def test_mae_loss__ignores_visible_patch_pixels_in_the_target(norm_pix, monkeypa
     def perturb(which: torch.Tensor) -> dict:
         patches = patchify(x["pixel_values"], PATCH)
         patches = patches + 3.0 * which.unsqueeze(-1) * torch.randn_like(patches)
-        from ssl_vit.objectives.masking import unpatchify
-
         return dict(x, pixel_values=unpatchify(patches, PATCH, (IMG // PATCH,) * 2))
 
     torch.testing.assert_close(mae(perturb(~mask))["loss"], base, rtol=0, atol=0)

@@ -29,7 +29,8 @@ def fake_run(tmp_path: Path, with_spec: bool) -> tuple[Path, MAE]:
     """A run folder as the engine leaves it: config.yaml, checkpoint-last/model.safetensors (+ backbone.json)."""
     cfg = config_from_dict(PretrainConfig, {
         "output_dir": str(tmp_path),
-        "model": {"name": "vit_nano_patch4_32", "pos_embed": "sincos", "args": {"depth": 1, "embed_dim": 32, "num_heads": 2}},
+        "model": {"name": "vit_nano_patch4_32", "pos_embed": "sincos",
+                  "args": {"depth": 1, "embed_dim": 32, "num_heads": 2}},
         "data": {"name": "synthetic", "image_size": 16, "synthetic_train_size": 40, "synthetic_eval_size": 10,
                  "num_workers": 0},
         "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "mask_ratio": 0.5},
@@ -43,7 +44,8 @@ def fake_run(tmp_path: Path, with_spec: bool) -> tuple[Path, MAE]:
         for p in mae.parameters():
             p.add_(0.1)
     (tmp_path / "checkpoint-last").mkdir()
-    save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, str(tmp_path / "checkpoint-last" / "model.safetensors"))
+    weights = {k: v.contiguous() for k, v in mae.state_dict().items()}
+    save_file(weights, str(tmp_path / "checkpoint-last" / "model.safetensors"))
     if with_spec:
         import json
 
