@@ -196,3 +196,12 @@ def test_mae_reconstruct__returns_images_and_pixel_mask_matching_the_noise():
     patch_mask = patchify(pix_mask, PATCH)[..., 0]  # (B, N)
     expected = (x["noise"].argsort(1).argsort(1) >= mae.num_keep).float()
     torch.testing.assert_close(patch_mask, expected)
+
+
+def test_mae_forward__under_bf16_autocast_computes_the_loss_in_fp32():
+    mae = tiny_mae()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mae(batch())
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert mae.decoder_pred.weight.grad is not None
