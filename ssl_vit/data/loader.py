@@ -51,6 +51,8 @@ def decode_image(cell: Any) -> Image.Image:
                 image = Image.open(io.BytesIO(data))
             elif path:
                 image = Image.open(path)
+            elif data is not None:
+                raise BadImage("the cell holds 0 bytes")
             else:
                 raise BadImage("the cell holds neither image bytes nor a path")
         elif isinstance(cell, (bytes, bytearray)):
@@ -96,14 +98,18 @@ class _Rows:
         split: str,
         transform: Callable,
         skip_counter: Any,
+        has_labels: bool,
     ):
         self.transform = transform
         self.image_column = bundle.image_column
-        self.label_column = bundle.label_column
+        self.label_column = bundle.label_column if has_labels else None
         self.label_map = bundle.label_map
         self.num_classes = bundle.num_classes
         self.skip_corrupt = bundle.cfg.skip_corrupt
-        self.where = f"split '{split}' of dataset '{bundle.name}'"
+        # Errors name the row of the source split (carved subsets map back through these ids).
+        self.row_ids = bundle.train_rows if split == "train" else bundle.eval_rows
+        name = bundle.train_split if split == "train" else bundle.eval_split
+        self.where = f"split '{name}' of dataset '{bundle.name}'"
         self._skipped = skip_counter  # multiprocessing.Value shared with workers
 
     @property
@@ -124,6 +130,9 @@ class _Rows:
                 f"(-1 marks unlabelled rows: choose another split; else set data.num_classes)."
             )
         return label
+
+    def source_row(self, index: int) -> int:
+        return index if self.row_ids is None else int(self.row_ids[index])
 
     def sample(self, image_cell: Any, label_value: Any, row: Any) -> Optional[tuple]:
         """(pixel_values (3, H, W), label or None), or None when the row was skipped as corrupt."""
@@ -168,7 +177,7 @@ class MapImages(torch.utils.data.Dataset):
         images, labels = self._fetch(indices)
         out = []
         for idx, cell, label in zip(indices, images, labels):
-            item = self.rows.sample(cell, label, idx)
+            item = self.rows.sample(cell, label, self.rows.source_row(idx))
             # A skipped row is replaced by the next readable one, so batches keep their size (the
             # engine shards and gathers fixed-size batches).
             step = 0
@@ -176,12 +185,13 @@ class MapImages(torch.utils.data.Dataset):
                 step += 1
                 if step >= _MAX_CONSECUTIVE_BAD or step >= len(self.hf):
                     raise DataError(
-                        f"{self.rows.where}: {step} unreadable images in a row around row {idx}: the data "
+                        f"{self.rows.where}: {step} unreadable images in a row around row "
+                        f"{self.rows.source_row(idx)}: the data "
                         f"looks broken, not a few files; check data.name."
                     )
                 nxt = (idx + step) % len(self.hf)
                 (cell,), (label,) = self._fetch([nxt])
-                item = self.rows.sample(cell, label, nxt)
+                item = self.rows.sample(cell, label, self.rows.source_row(nxt))
             out.append(item)
         return out
 
@@ -314,7 +324,9 @@ def make_loader(
     cfg = bundle.cfg
     workers = cfg.num_workers if num_workers is None else num_workers
     transform = build_transform(kind, cfg, train=train)
-    rows = _Rows(bundle, bundle.cfg.train_split if split == "train" else split, transform, multiprocessing.Value("q", 0))
+    # An eval split may lack the label column when the run needs no labels (load_data checked).
+    has_labels = bundle.label_column is not None and (hf.features is None or bundle.label_column in hf.features)
+    rows = _Rows(bundle, split, transform, multiprocessing.Value("q", 0), has_labels)
     hf = _undecoded(hf, bundle)
 
     # torch seeds `random`, numpy and torch in each worker from this generator; timm's and
@@ -356,9 +368,8 @@ def _undecoded(hf: Any, bundle: DataBundle) -> Any:
     """Only the columns we read, with images left as bytes/paths (we decode, to own the errors)."""
     import datasets
 
-    columns = [c for c in (bundle.image_column, bundle.label_column) if c]
-    if hf.features is not None and all(c in hf.features for c in columns):
-        hf = hf.select_columns(columns)
+    if hf.features is not None:
+        hf = hf.select_columns([c for c in (bundle.image_column, bundle.label_column) if c and c in hf.features])
         if isinstance(hf.features[bundle.image_column], datasets.Image):
             hf = hf.cast_column(bundle.image_column, datasets.Image(decode=False))
     return hf

@@ -53,6 +53,13 @@ class DataBundle:
     eval_carved: bool = False
     streaming: bool = False
     name: str = ""
+    # The splits' names in the source ("test", ...; the train split's name when eval was carved).
+    train_split: str = "train"
+    eval_split: Optional[str] = None
+    # Row of the source split behind each row of `train` / `eval` when they are carved subsets
+    # (None: the same rows), so that errors name the row a user can find in the files.
+    train_rows: Optional[np.ndarray] = None
+    eval_rows: Optional[np.ndarray] = None
 
     def describe(self) -> str:
         """One line for logs: source, sizes, columns and classes."""
@@ -238,8 +245,8 @@ def _label_values(ds: AnyDataset, column: str) -> np.ndarray:
     return np.asarray(ds.with_format("numpy", columns=[column])[column])
 
 
-def _carve(train: AnyDataset, label_col: Optional[str], frac: float, seed: int) -> tuple[AnyDataset, AnyDataset]:
-    """Seeded split of `frac` of train into eval, stratified by label when there is one."""
+def _carve(train: AnyDataset, label_col: Optional[str], frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, eval) of a seeded split of `frac` of train, stratified by label when there is one."""
     n = len(train)
     rng = np.random.default_rng(seed)
     if label_col is not None:
@@ -256,8 +263,7 @@ def _carve(train: AnyDataset, label_col: Optional[str], frac: float, seed: int) 
         eval_idx = np.sort(rng.permutation(n)[: int(round(n * frac))])
     mask = np.ones(n, dtype=bool)
     mask[eval_idx] = False
-    train_idx = np.flatnonzero(mask)
-    return train.select(train_idx), train.select(eval_idx)
+    return np.flatnonzero(mask), eval_idx
 
 
 def _carve_stream(train: AnyDataset, image_col: str, frac: float, seed: int) -> tuple[AnyDataset, AnyDataset]:
@@ -278,8 +284,12 @@ def _carve_stream(train: AnyDataset, image_col: str, frac: float, seed: int) -> 
         cell = row[image_col]
         if isinstance(cell, dict):  # an undecoded Image: its bytes, else its file path
             key = cell.get("bytes") or (cell.get("path") or "").encode()
-        else:  # arrays or other cells: their printed form is content-determined too
-            key = repr(cell).encode()
+        elif isinstance(cell, (bytes, bytearray)):
+            key = bytes(cell)
+        elif hasattr(cell, "tobytes"):  # PIL images and arrays: their pixels
+            key = cell.tobytes()
+        else:
+            key = np.asarray(cell).tobytes()
         digest = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
         return int.from_bytes(digest, "little") / 2**64 < frac
 
@@ -391,7 +401,7 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
         )
 
     # Eval split: the one asked for, else the data's own, else carved from train.
-    eval_ds, carved = None, False
+    eval_ds, carved, eval_name, train_rows, eval_rows = None, False, cfg.eval_split, None, None
     if cfg.eval_split is not None:
         if cfg.eval_split not in splits:
             raise DataError(
@@ -402,14 +412,15 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
     else:
         own = next((s for s in EVAL_SPLITS if s in splits and s != cfg.train_split), None)
         if own is not None:
-            eval_ds = splits[own]
+            eval_ds, eval_name = splits[own], own
             logger.info("data '%s': evaluating on its '%s' split", name, own)
         elif cfg.val_fraction > 0:
             if streaming:
                 train, eval_ds = _carve_stream(train, image_col, cfg.val_fraction, cfg.split_seed)
             else:
-                train, eval_ds = _carve(train, label_col, cfg.val_fraction, cfg.split_seed)
-            carved = True
+                train_rows, eval_rows = _carve(train, label_col, cfg.val_fraction, cfg.split_seed)
+                train, eval_ds = train.select(train_rows), train.select(eval_rows)
+            carved, eval_name = True, cfg.train_split
             kind = "hashed (streamed)" if streaming else ("stratified" if label_col else "random")
             logger.info(
                 "data '%s' has no eval split: carved a %s %.0f%% eval split from '%s' (data.split_seed=%d)",
@@ -449,6 +460,10 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
         eval_carved=carved,
         streaming=streaming,
         name=name,
+        train_split=cfg.train_split,
+        eval_split=eval_name,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
     )
     logger.info(bundle.describe())
     return bundle

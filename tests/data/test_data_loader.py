@@ -135,6 +135,18 @@ def test_corrupt_image__skipped_and_counted_when_asked(corrupt_bundle, caplog):
     assert any("row 4" in r.getMessage() and "1 skipped so far" in r.getMessage() for r in caplog.records)
 
 
+def test_corrupt_image__in_a_carved_split_names_the_row_of_the_source_file(cfg, tmp_path, make_png):
+    cells = [{"bytes": make_png((i * 10, 0, 0)), "path": None} for i in range(20)]
+    cells[13] = {"bytes": b"", "path": None}
+    datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image()).to_parquet(
+        str(tmp_path / "c.parquet")
+    )
+    bundle = load_data(_with(cfg, name=str(tmp_path / "c.parquet"), val_fraction=0.5), need_labels=False)
+    split = "eval" if 13 in bundle.eval_rows else "train"
+    with pytest.raises(DataError, match=r"split 'train' of dataset .*row 13 \(the cell holds 0 bytes\)"):
+        list(make_loader(bundle, split, "eval", 2, train=False))
+
+
 def test_empty_image__is_a_clear_error(cfg, tmp_path):
     pixels = [np.zeros((4, 4, 3), dtype=np.uint8).tolist()] * 3 + [[]]
     datasets.Dataset.from_dict({"pixel_values": pixels, "label": [0, 1, 0, 1]}).save_to_disk(str(tmp_path / "arr"))
