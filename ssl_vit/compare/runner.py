@@ -157,7 +157,8 @@ def _launch(run: Run, cmd: list[str], logs_dir: Path, timeout_s: Optional[float]
             echo: Callable[[str], None]) -> RunStatus:
     logs_dir.mkdir(parents=True, exist_ok=True)
     log = logs_dir / (run.id.replace("/", "__") + ".log")
-    echo(f"[{'resume' if resume else 'run'}]     {run.id} (log: {log})")
+    verb = ("resume" if run.kind == "pretrain" else "rerun") if resume else "run"
+    echo(f"[{verb}]{' ' * (9 - len(verb))}{run.id} (log: {log})")
     _write_marker(run, status="started", command=cmd, started=time.time())
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

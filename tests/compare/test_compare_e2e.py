@@ -17,8 +17,8 @@ TINY_MODEL = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 
 
 def _tiny_plan(tmp_path: Path) -> dict:
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"not a checkpoint")
+    broken = tmp_path / "broken_pretrain.py"  # a recipe that dies at once (as a crash or a bad config would)
+    broken.write_text("import sys\nsys.exit('RuntimeError: this pretraining is broken on purpose')\n")
     return {
         "name": "tiny",
         "shared": {
@@ -33,12 +33,13 @@ def _tiny_plan(tmp_path: Path) -> dict:
             {"name": "mae", "recipe": "mae_pretrain",
              "overrides": {"train.batch_size": 16, "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}},
             {"name": "random", "checkpoint": "random"},
-            {"name": "broken", "checkpoint": str(garbage)},
+            {"name": "broken", "recipe": str(broken)},
         ],
         "evaluations": [
             {"protocol": "knn", "overrides": {"features.cache_dir": "${out}/cache", "knn.ks": [5, 20]}},
             {"protocol": "linear_probe",
              "overrides": {"features.cache_dir": "${out}/cache", "train": {"epochs": 2, "batch_size": 32}}},
+            {"protocol": "finetune", "seeds": [0], "overrides": {"train": {"epochs": 1, "batch_size": 32}}},
         ],
     }
 
@@ -55,27 +56,28 @@ def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_no
     out = tmp_path / "out"
 
     first = _compare(plan_file, out)
-    assert first.returncode == 1, first.stdout + first.stderr  # the broken checkpoint's evaluations fail
+    assert first.returncode == 1, first.stdout + first.stderr  # the broken entry
     for name in ("results.md", "results.csv", "results.json", "accuracy.png", "loss_curves.png", "plan.yaml"):
         assert (out / name).is_file(), f"{name} missing:\n{first.stdout}\n{first.stderr}"
     data = json.loads((out / "results.json").read_text())
     methods = {m["name"]: m for m in data["methods"]}
     for name in ("mae", "random"):
-        for column in ("knn", "linear_probe"):
+        for column, seeds in (("knn", [0, 1]), ("linear_probe", [0, 1]), ("finetune", [0])):
             cell = methods[name]["evals"][column]
-            assert cell["status"] == "ok" and 0.0 <= cell["top1"] <= 100.0 and cell["seeds"] == [0, 1]
+            assert cell["status"] == "ok" and 0.0 <= cell["top1"] <= 100.0 and cell["seeds"] == seeds, cell
     assert methods["mae"]["pretrain"]["steps"] == 4  # 64 images / batch 16
     assert methods["mae"]["pretrain"]["images_seen"] == 64 and methods["mae"]["pretrain"]["seconds"] > 0
     assert methods["mae"]["loss_tag"]
-    assert {c["status"] for c in methods["broken"]["evals"].values()} == {"failed"}
+    assert methods["broken"]["status"] == "failed" and "broken on purpose" in methods["broken"]["error"]
+    assert {c["status"] for c in methods["broken"]["evals"].values()} == {"blocked"}
     table = (out / "results.md").read_text()
-    assert "| broken | FAILED | FAILED |" in table and "## Problems" in table
+    assert "| broken (pretraining FAILED) | blocked | blocked | blocked |" in table and "## Problems" in table
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     mtimes[out / "pretrain" / "mae" / "backbone.safetensors"] = (out / "pretrain" / "mae" / "backbone.safetensors").stat().st_mtime_ns
     second = _compare(plan_file, out)
     assert second.returncode == 1  # still broken, and said so again
-    started = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("[run]")]
-    assert started == ["eval/broken/knn", "eval/broken/linear_probe"]  # only what failed is tried again
-    assert second.stdout.count("[skip]") == 5
+    started = [line.split()[1] for line in second.stdout.splitlines() if line.startswith(("[run]", "[resume]", "[rerun]"))]
+    assert started == ["pretrain/broken"]  # only what failed is tried again
+    assert second.stdout.count("[skip]") == 7
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing complete was rerun
