@@ -97,8 +97,10 @@ def run_comparison(
     out_dir = output_dir(plan, out).resolve()
     runs = resolve_runs(plan, out_dir)
     selected = select_runs(runs, only) if only else None
-    echo(f"comparison '{plan.name}': {sum(r.kind != 'eval' for r in runs)} methods, "
-         f"{len(plan.evaluations)} evaluations, {len(runs)} runs -> {out_dir}")
+    helpers = sum(r.kind != "eval" and not r.evaluate for r in runs)
+    echo(f"comparison '{plan.name}': {sum(r.kind != 'eval' and r.evaluate for r in runs)} methods"
+         + (f" (+ {helpers} helper run{'s' if helpers > 1 else ''})" if helpers else "")
+         + f", {len(plan.evaluations)} evaluations, {len(runs)} runs -> {out_dir}")
     if not dry_run:
         out_dir.mkdir(parents=True, exist_ok=True)
         if source is not None:

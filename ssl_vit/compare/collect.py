@@ -176,14 +176,16 @@ def pretrain_stats(output_dir: str | Path) -> tuple[dict[str, Any], Optional[str
                 stats["steps"] = source["step"]
         obj = meta.get("objective")
         objective = objective or (obj.get("name") if isinstance(obj, dict) else obj)
-    if "seconds" not in stats:
-        try:
-            marker = json.loads((out / MARKER).read_text())
-            if marker.get("status") == "done" and _finite(marker.get("seconds")) is not None:
-                stats["seconds"] = marker["seconds"]
-                stats["seconds_source"] = "subprocess wall-clock (includes start-up)"
-        except (OSError, json.JSONDecodeError, AttributeError):
-            pass
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        marker = {}
+    if isinstance(marker, dict) and marker.get("status") == "done":
+        if "seconds" not in stats and _finite(marker.get("seconds")) is not None:
+            stats["seconds"] = marker["seconds"]
+            stats["seconds_source"] = "subprocess wall-clock (includes start-up)"
+        if _finite(marker.get("cpu_seconds")) is not None:
+            stats["process_cpu_seconds"] = marker["cpu_seconds"]  # the whole subprocess, start-up included
     if "images_per_sec" not in stats and stats.get("images_seen") and _finite(stats.get("seconds")):
         stats["images_per_sec"] = float(stats["images_seen"]) / max(float(stats["seconds"]), 1e-9)
     return stats, (str(objective) if objective else None)

@@ -161,6 +161,7 @@ def _launch(run: Run, cmd: list[str], logs_dir: Path, timeout_s: Optional[float]
     echo(f"[{verb}]{' ' * (9 - len(verb))}{run.id} (log: {log})")
     _write_marker(run, status="started", command=cmd, started=time.time())
     start = time.perf_counter()
+    cpu_start = _children_cpu()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         with open(log, "a") as fh:
@@ -180,17 +181,28 @@ def _launch(run: Run, cmd: list[str], logs_dir: Path, timeout_s: Optional[float]
     except OSError as err:
         rc, detail = -1, f"could not start: {err}"
     seconds = time.perf_counter() - start
+    # CPU seconds of the run's processes: unlike wall-clock, about the same on a busy machine.
+    cpu_seconds = round(_children_cpu() - cpu_start, 1)
     if rc == 0 and not outputs_exist(run):
         rc, detail = -1, "exited 0 but wrote no " + ("metrics.json" if run.kind == "eval" else "backbone.safetensors")
     status = "done" if rc == 0 else "failed"
-    _write_marker(run, status=status, command=cmd, seconds=seconds, returncode=rc, detail=detail)
+    _write_marker(run, status=status, command=cmd, seconds=seconds, cpu_seconds=cpu_seconds, returncode=rc,
+                  detail=detail)
     if rc == 0:
-        echo(f"[done]    {run.id} in {seconds:.0f} s")
+        echo(f"[done]    {run.id} in {seconds:.0f} s (CPU time {cpu_seconds:.0f} s)")
         return RunStatus(run.id, "ran", "", seconds, str(log))
     tail = _tail(log)
     echo(f"[FAILED]  {run.id}: {detail} (log: {log})\n{tail}")
     return RunStatus(run.id, "failed", f"{detail}; last line: {tail.splitlines()[-1].strip() if tail else '-'}",
                      seconds, str(log))
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (and the children they waited for)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
