@@ -9,6 +9,7 @@ Per-method presets (recipes/mae_pretrain.py, ...) call `main(argv, default_file=
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ssl_vit.engine import run_pretrain
 
 def main(argv: list[str] | None = None, default_file: str | Path | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     return run_pretrain(load_config(PretrainConfig, argv, default_file=default_file))
 
 

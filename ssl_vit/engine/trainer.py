@@ -28,6 +28,9 @@ __all__ = ["NonFiniteLossError", "Trainer", "cpu_has_native_bf16", "make_acceler
 
 log = logging.getLogger("ssl_vit.engine")
 
+# torch.compile backend for train.compile (tests swap in "aot_eager": same tracing, no C++ build).
+COMPILE_BACKEND = "inductor"
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the message names the step and the fix."""
@@ -68,7 +71,7 @@ def make_accelerator(cfg: Any) -> Any:
         project_dir=str(cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=int(cfg.seed)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters)],
-        dynamo_backend="inductor" if tc.compile else None,
+        dynamo_backend=COMPILE_BACKEND if tc.compile else None,
         step_scheduler_with_optimizer=False,
     )
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
@@ -182,7 +185,8 @@ class Trainer:
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        # The plain module: its state_dict keys carry no DDP `module.` or torch.compile `_orig_mod.`.
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def lr_at(self, step: int) -> float:
         return cosine_schedule(
@@ -504,6 +508,8 @@ class Trainer:
                         for g in self.optimizer.param_groups:
                             g["lr"] = self._lr * g.get("lr_scale", 1.0)
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                            grad_norm = grad_norm.full_tensor()
                         grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
                         flags = torch.stack([bad, (~torch.isfinite(grad_norm)).float()])
                         loss_bad, norm_bad = (acc.reduce(flags, reduction="sum") > 0).tolist()

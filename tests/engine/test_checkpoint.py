@@ -153,3 +153,15 @@ def test_is_complete__needs_a_valid_trainer_state(tmp_path):
     (tmp_path / ckpt.STATE_FILE).write_text("{trunc")
     assert not ckpt.is_complete(tmp_path)
     assert ckpt.recover(tmp_path / "empty") is None
+
+
+def test_accelerate_configs__parse_with_accelerate():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "accelerate"
+    kinds = {p.name: load_config_from_file(str(p)).distributed_type.value for p in folder.glob("*.yaml")}
+    assert kinds == {"cpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "multi_gpu_bf16.yaml": "MULTI_GPU", "fsdp_vit_large.yaml": "FSDP"}
+    fsdp = load_config_from_file(str(folder / "fsdp_vit_large.yaml")).fsdp_config
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Block" and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"

@@ -156,3 +156,16 @@ def test_mixed_precision__bf16_on_cpu_without_native_bf16_warns(tmp_path, monkey
     with caplog.at_level(logging.WARNING, logger="ssl_vit.engine"):
         summary = Trainer(toy_config(tmp_path, mixed_precision="bf16", max_steps=1, save_every=0), toy_objective(), toy_loader()).fit()
     assert "slower" in caplog.text and summary["steps"] == 1
+
+
+@pytest.mark.slow
+def test_compile__compiled_objective_trains_saves_plain_keys_and_resumes(reference, tmp_path, monkeypatch):
+    # aot_eager traces and compiles the graphs as inductor does, without the C++ build (minutes on
+    # 2 cores); inductor itself on CPU: `train.compile=true` of recipes/pretrain.py.
+    monkeypatch.setattr(trainer_module, "COMPILE_BACKEND", "aot_eager")
+    cfg = toy_config(tmp_path, compile=True, max_steps=3, save_every=2)
+    summary = Trainer(cfg, toy_objective(stochastic=False), toy_loader()).fit()
+    assert summary["steps"] == 3
+    assert not any("_orig_mod" in k for k in weights(tmp_path))
+    cfg = toy_config(tmp_path, compile=True, max_steps=4, save_every=2)
+    assert Trainer(cfg, toy_objective(stochastic=False), toy_loader()).fit()["steps"] == 4
