@@ -37,7 +37,10 @@ def bn_teacher(num_classes: int = NUM_CLASSES) -> nn.Module:
 
 def batch(b: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(b, 3, 16, 16, generator=g), "labels": torch.randint(0, NUM_CLASSES, (b,), generator=g)}
+    return {
+        "pixel_values": torch.randn(b, 3, 16, 16, generator=g),
+        "labels": torch.randint(0, NUM_CLASSES, (b,), generator=g),
+    }
 
 
 class FixedStudent(nn.Module):
@@ -103,7 +106,8 @@ def test_soft_loss__scales_with_tau_squared(tau: float) -> None:
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
     # Scaling both logits by tau makes the tempered distributions those at tau=1, so only tau^2 remains.
-    torch.testing.assert_close(soft_distillation_loss(s * tau, t * tau, tau), tau**2 * soft_distillation_loss(s, t, 1.0))
+    scaled = soft_distillation_loss(s * tau, t * tau, tau)
+    torch.testing.assert_close(scaled, tau**2 * soft_distillation_loss(s, t, 1.0))
 
 
 def test_soft_loss__is_the_kl_divergence_and_zero_when_student_matches_teacher() -> None:
@@ -118,7 +122,8 @@ def test_soft_loss__is_the_kl_divergence_and_zero_when_student_matches_teacher()
 def test_soft_objective__weighs_class_and_distillation_losses_by_alpha() -> None:
     cls_logits, dist_logits = torch.randn(4, NUM_CLASSES), torch.randn(4, NUM_CLASSES)
     teacher = FixedTeacher(torch.randn(4, NUM_CLASSES))
-    objective = DeiTDistillation(FixedStudent(cls_logits, dist_logits), type="soft", alpha=0.3, tau=2.0, teacher=teacher)
+    fixed = FixedStudent(cls_logits, dist_logits)
+    objective = DeiTDistillation(fixed, type="soft", alpha=0.3, tau=2.0, teacher=teacher)
     out = objective(batch(b=4))
     expected = 0.7 * out["loss_cls"] + 0.3 * soft_distillation_loss(dist_logits, teacher.logits, 2.0)
     torch.testing.assert_close(out["loss"], expected)
@@ -246,7 +251,9 @@ def test_train_missing_teacher__trains_on_the_students_data_with_the_teachers_au
 
     teacher_yaml = tmp_path / "teacher.yaml"
     teacher_yaml.write_text(
-        yaml.safe_dump({"model": {"name": "test_resnet"}, "data": {"name": "elsewhere", "auto_augment": None, "repeated_aug": 1}})
+        yaml.safe_dump(
+            {"model": {"name": "test_resnet"}, "data": {"name": "elsewhere", "auto_augment": None, "repeated_aug": 1}}
+        )
     )
     runs = []
 

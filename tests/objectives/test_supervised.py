@@ -14,7 +14,9 @@ NUM_CLASSES = 5
 
 
 def tiny_vit(num_classes: int = NUM_CLASSES) -> torch.nn.Module:
-    return create_backbone("vit_nano_patch4_32", depth=1, embed_dim=32, num_heads=2, img_size=16, num_classes=num_classes)
+    return create_backbone(
+        "vit_nano_patch4_32", depth=1, embed_dim=32, num_heads=2, img_size=16, num_classes=num_classes
+    )
 
 
 def batch(b: int = 8, num_classes: int = NUM_CLASSES, seed: int = 0) -> dict[str, torch.Tensor]:
