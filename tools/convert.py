@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         f"heads {arch['num_heads']} ({arch['num_heads_source']}), patch {arch['patch_size']}, "
         f"image {arch['img_size']}, distilled {arch['distilled']}, classes {arch['num_classes']}]"
     )
-    print(f"MAE decoder: {'converted' if info.decoder_state_dict else 'present, not converted' if info.has_mae_decoder else 'none'}")
+    decoder = "converted" if info.decoder_state_dict else "present, not converted" if info.has_mae_decoder else "none"
+    print(f"MAE decoder: {decoder}")
     for note in info.notes:
         print(f"note: {note}")
     if not args.no_verify:

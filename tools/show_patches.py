@@ -97,7 +97,8 @@ def draw_patches(image: torch.Tensor, patch_size: int, num_prefix: int, label: s
     ax_seq.axis("off")
     prefix = "[CLS]" if num_prefix == 1 else f"{num_prefix} prefix tokens ([CLS], [DIST])"
     ax_seq.set_title(
-        f"the sequence the transformer reads: {prefix} + {n} patch tokens\n(one line of tokens, wrapped every {per_row})",
+        f"the sequence the transformer reads: {prefix} + {n} patch tokens\n"
+        f"(one line of tokens, wrapped every {per_row})",
         fontsize=10,
     )
     fig.suptitle(f"An image is worth {gh}x{gw} words: {label}", fontsize=11)

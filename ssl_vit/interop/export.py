@@ -34,9 +34,12 @@ __all__ = [
 # Method descriptions for the model card, by objective name.
 _METHODS = {
     "mae": ("Masked autoencoder (MAE) pretraining", "He et al. 2021, https://arxiv.org/abs/2111.06377"),
-    "supervised": ("Supervised classification pretraining", "Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929"),
-    "distillation": ("DeiT distillation through a distillation token", "Touvron et al. 2020, https://arxiv.org/abs/2012.12877"),
-    "deit": ("DeiT distillation through a distillation token", "Touvron et al. 2020, https://arxiv.org/abs/2012.12877"),
+    "supervised": ("Supervised classification pretraining",
+                   "Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929"),
+    "distillation": ("DeiT distillation through a distillation token",
+                     "Touvron et al. 2020, https://arxiv.org/abs/2012.12877"),
+    "deit": ("DeiT distillation through a distillation token",
+             "Touvron et al. 2020, https://arxiv.org/abs/2012.12877"),
 }
 # Source metadata timm copies from the base architecture's pretrained weights; ours are not those.
 _SOURCE_KEYS = ("tag", "license", "paper_ids", "paper_name", "notes", "origin_url", "hf_hub_id", "url")
@@ -207,6 +210,8 @@ def model_card(
     objective = run.get("objective") or "unknown"
     base_objective = objective.removeprefix("imported-")
     method, paper = _METHODS.get(base_objective, (f"`{objective}` pretraining", None))
+    if objective.startswith("imported-"):
+        method, paper = f"weights imported from a {base_objective} checkpoint (their training is not recorded)", None
     arch, model_args = config["architecture"], config.get("model_args", {})
     data = run.get("data") or "unknown"
     tags = ["image-feature-extraction", "timm", "ssl_vit", "vision-transformer", base_objective]
@@ -238,7 +243,8 @@ def model_card(
         f"| Image size | {_fmt_size(model_args.get('img_size', run.get('image_size')))} |",
         f"| Optimizer steps | {run.get('step') if run.get('step') is not None else 'unknown'} |",
         f"| Images seen | {_fmt_count(run.get('images_seen'))}"
-        + ("" if run.get("images_seen_exact", True) or run.get("images_seen") is None else " (steps x batch per process)")
+        + ("" if run.get("images_seen_exact", True) or run.get("images_seen") is None
+           else " (steps x batch per process)")
         + " |",
         "",
         "## Evaluation",
@@ -254,6 +260,8 @@ def model_card(
     else:
         lines.append("No evaluation results were recorded with this run (no metrics.json found).")
     pc = config.get("pretrained_cfg", {})
+    headless = base_objective == "mae" or config.get("num_classes") == 0
+    head = "not trained by this objective (features only)." if headless else f"{config.get('num_classes')}-way."
     lines += [
         "",
         "## Use with timm",
@@ -270,8 +278,7 @@ def model_card(
         "features = model.forward_features(x)  # (1, tokens, dim)",
         "```",
         "",
-        "The classifier head is "
-        + ("not trained by this objective (features only)." if base_objective == "mae" or config.get("num_classes") == 0 else f"{config.get('num_classes')}-way."),
+        f"The classifier head is {head}",
         "",
     ]
     return "\n".join(front + lines)

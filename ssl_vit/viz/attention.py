@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 from ssl_vit.viz.images import IMAGENET_MEAN, IMAGENET_STD, colorize, denormalize, image_grid, overlay
 
-__all__ = ["attention_grid", "attention_images", "attention_maps", "attention_matrices", "rollout", "rollout_from", "upsample"]
+__all__ = [
+    "attention_grid",
+    "attention_images",
+    "attention_maps",
+    "attention_matrices",
+    "rollout",
+    "rollout_from",
+    "upsample",
+]
 
 
 def _attention_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
@@ -65,7 +73,9 @@ def attention_maps(backbone: nn.Module, images: torch.Tensor, block: int = -1) -
     return _cls_row_to_grid(attn[:, :, 0], backbone.num_prefix_tokens, backbone.patch_embed.grid_size)
 
 
-def rollout_from(attentions: list[torch.Tensor], num_prefix: int, grid: Sequence[int], residual: float = 0.5) -> torch.Tensor:
+def rollout_from(
+    attentions: list[torch.Tensor], num_prefix: int, grid: Sequence[int], residual: float = 0.5
+) -> torch.Tensor:
     """Attention rollout: (B, Hp, Wp), how much the final class token draws on each input patch.
 
     Abnar & Zuidema 2020: average the heads, add the residual connection as `residual * I`, renormalise

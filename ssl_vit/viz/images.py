@@ -26,7 +26,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".t
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """`n` images of the built-in synthetic dataset (one shape each, a different kind per image): (n, 3, S, S) in 0..1."""
+    """`n` images of the built-in synthetic dataset, a different shape each: (n, 3, S, S) in 0..1."""
     import numpy as np
 
     from ssl_vit.data.synthetic import SHAPES, render_shapes

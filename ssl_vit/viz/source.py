@@ -20,7 +20,9 @@ class VizModel:
     std: tuple[float, ...]
 
 
-def load_viz_model(checkpoint: str, model: str = "vit_nano_patch4_32", pos_embed: str = "learn", seed: int = 0) -> VizModel:
+def load_viz_model(
+    checkpoint: str, model: str = "vit_nano_patch4_32", pos_embed: str = "learn", seed: int = 0
+) -> VizModel:
     """`checkpoint`: "random" (a fresh `model`, learned or sin-cos positions) or any path tools/convert.py reads."""
     from ssl_vit.models import create_backbone
 

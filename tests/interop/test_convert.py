@@ -84,7 +84,9 @@ def test_timm_train_checkpoint__unwraps_state_dict_and_module_prefix(tmp_path):
 
 
 def test_unusual_width__heads_guessed_with_note_and_taken_when_given(tmp_path):
-    ref = _randomise(timm.create_model("vit_tiny_patch16_224", embed_dim=96, depth=1, num_heads=3, patch_size=4, img_size=16))
+    ref = _randomise(
+        timm.create_model("vit_tiny_patch16_224", embed_dim=96, depth=1, num_heads=3, patch_size=4, img_size=16)
+    )
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     _, guessed = to_backbone_state_dict(tmp_path / "w.pth")
     assert guessed.arch["num_heads"] == 1 and any("num_heads" in n for n in guessed.notes)
@@ -99,7 +101,8 @@ def test_unusual_width__heads_guessed_with_note_and_taken_when_given(tmp_path):
 
 def test_deit_layout_distilled__converts_with_equal_logits(tmp_path):
     ref = _tiny("deit_nano_distilled_patch4_32", num_classes=5)
-    ckpt = {"model": ref.state_dict(), "epoch": 299, "args": argparse.Namespace(model="deit_tiny_distilled_patch16_224")}
+    args = argparse.Namespace(model="deit_tiny_distilled_patch16_224")
+    ckpt = {"model": ref.state_dict(), "epoch": 299, "args": args}
     torch.save(ckpt, tmp_path / "deit.pth")
     ours, info = build_backbone(tmp_path / "deit.pth")
     assert info.format == "deit" and info.arch["distilled"] and info.spec["name"].startswith("deit_")
@@ -115,7 +118,8 @@ def test_mae_layout_pretrain__backbone_and_decoder_convert(tmp_path):
     backbone = create_backbone("vit_nano_patch4_32", depth=2, img_size=16, num_classes=0, pos_embed="sincos")
     mae = MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     official = {k.removeprefix("backbone."): v for k, v in mae.state_dict().items()}  # MAE's own key names
-    torch.save({"model": official, "epoch": 799, "args": argparse.Namespace(model="mae_vit_base_patch16")}, tmp_path / "mae.pth")
+    args = argparse.Namespace(model="mae_vit_base_patch16")
+    torch.save({"model": official, "epoch": 799, "args": args}, tmp_path / "mae.pth")
     sd, info = to_backbone_state_dict(tmp_path / "mae.pth")
     assert info.format == "mae" and info.has_mae_decoder and info.decoder_state_dict is not None
     assert info.spec.get("pos_embed") == "sincos" and info.arch["num_classes"] == 0
@@ -246,3 +250,16 @@ def test_not_a_vit__unknown_format_names_the_supported_ones(tmp_path):
 def test_folder_without_weights__error_lists_expected_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         to_backbone_state_dict(tmp_path)
+
+
+def test_engine_layout_ema_file__read_as_ours_with_its_own_json(tmp_path):
+    """The trainer writes backbone_ema.safetensors + backbone_ema.json beside backbone.safetensors."""
+    import json
+
+    ref = _tiny()
+    save_file(ref.state_dict(), str(tmp_path / "backbone_ema.safetensors"))
+    (tmp_path / "backbone_ema.json").write_text(json.dumps({"model": ref.spec, "objective": "mae", "step": 7}))
+    ours, info = build_backbone(tmp_path / "backbone_ema.safetensors")
+    assert info.format == "ssl_vit" and info.spec == ref.spec and info.metadata["step"] == 7
+    with torch.no_grad():
+        _close(ours.forward_features(_images()), ref.forward_features(_images()))

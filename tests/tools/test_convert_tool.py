@@ -51,8 +51,8 @@ def test_convert_tool__unsafe_pickle_exits_2_and_writes_nothing(tmp_path, capsys
 def test_convert_tool__guessed_heads_are_reported(tmp_path, capsys):
     import timm
 
-    torch.save(timm.create_model("vit_tiny_patch16_224", embed_dim=96, depth=1, num_heads=3, patch_size=4, img_size=16).state_dict(),
-               tmp_path / "w.pth")
+    model = timm.create_model("vit_tiny_patch16_224", embed_dim=96, depth=1, num_heads=3, patch_size=4, img_size=16)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
     assert convert_tool.main([str(tmp_path / "w.pth"), "--out", str(tmp_path / "a")]) == 0
     assert "note: the weights do not say how many attention heads" in capsys.readouterr().out
     assert convert_tool.main([str(tmp_path / "w.pth"), "--out", str(tmp_path / "b"), "--num-heads", "3"]) == 0

@@ -25,7 +25,9 @@ def _timm_from_folder(folder, *, file_only: bool = False):
     overlay = dict(file=str(folder / "model.safetensors"))
     if not file_only:
         overlay = dict(config["pretrained_cfg"], **overlay)
-    model = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **config["model_args"])
+    model = timm.create_model(
+        config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **config["model_args"]
+    )
     return model.eval(), config
 
 
@@ -71,7 +73,8 @@ def test_export_timm__config_has_what_timm_hub_loading_reads(tmp_path):
 
 
 def test_export_tool__hub_folder_with_model_card_and_metrics(tmp_path, capsys):
-    run = make_run(tmp_path / "run", metrics={"protocol": "linear_probe", "top1": 0.5, "top5": 0.9, "dataset": "synthetic"})
+    probe = {"protocol": "linear_probe", "top1": 0.5, "top5": 0.9, "dataset": "synthetic"}
+    run = make_run(tmp_path / "run", metrics=probe)
     extra = tmp_path / "knn.json"
     extra.write_text(json.dumps([{"protocol": "knn", "top1": 0.25, "top5": 0.75, "dataset": "synthetic"}]))
     assert export_tool.main(["--run", str(run), "--out", str(tmp_path / "hub"), "--metrics", str(extra)]) == 0

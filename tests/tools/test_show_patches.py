@@ -47,7 +47,8 @@ def test_show_patches_tool__writes_both_pngs(tmp_path):
     tool = load_tool("show_patches")
     run = make_run(tmp_path / "run")
     Image.new("RGB", (50, 40), "green").save(tmp_path / "img.png")
-    assert tool.main(["--image", str(tmp_path / "img.png"), "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0
+    argv = ["--image", str(tmp_path / "img.png"), "--checkpoint", str(run), "--out", str(tmp_path / "a")]
+    assert tool.main(argv) == 0
     assert tool.main(["--checkpoint", "random", "--pos-embed", "sincos", "--out", str(tmp_path / "b")]) == 0
     for folder in ("a", "b"):
         for name in ("patches.png", "position_similarity.png"):
