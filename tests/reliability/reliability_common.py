@@ -1,0 +1,95 @@
+"""Shared by the reliability tests: tiny recipe settings, launching recipes with faults, reading outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes"
+LAUNCH = Path(__file__).with_name("faulty_launch.py")
+
+# The default MAE recipe shrunk to seconds: 32 synthetic 16x16 images, batch 8 (4 steps an epoch),
+# 3 epochs = 12 steps, a 1-block 32-wide ViT and a 1-block decoder, a checkpoint every 3 steps.
+# data.num_workers stays the recipe's 1: the real loader worker process takes part.
+TINY_MAE = [
+    "data.synthetic_train_size=32",
+    "data.synthetic_eval_size=8",
+    "data.image_size=16",
+    "model.args={depth: 1, embed_dim: 32, num_heads: 2}",
+    "mae.decoder_dim=16",
+    "mae.decoder_depth=1",
+    "mae.decoder_heads=2",
+    "train.batch_size=8",
+    "train.epochs=3",
+    "train.save_every=3",
+    "train.log_every=3",
+    "train.vis_every=0",
+]
+TINY_STEPS = 12
+
+# One thread per process: the 2 CI cores are shared, and runs compared bit for bit use the same count.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(
+    recipe: str,
+    *args: str,
+    faults: str = "",
+    env: dict | None = None,
+    launcher: list[str] | None = None,
+    timeout: float = 180,
+) -> subprocess.CompletedProcess:
+    """Run recipes/<recipe> in a child process through faulty_launch.py (faults armed when given)."""
+    cmd = (launcher or [sys.executable]) + [str(LAUNCH), str(RECIPES / recipe), *args]
+    full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": faults, **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_recipe(name: str) -> ModuleType:
+    """recipes/<name>.py as a module (recipes/ is not a package), to call its main(argv) in this process."""
+    spec = importlib.util.spec_from_file_location(f"reliability_recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def backbone_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "backbone.safetensors"))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"weights differ: {differ[:5]}"
+
+
+def checkpoint_step(out: Path, folder: str = "checkpoint-last") -> int:
+    return json.loads((Path(out) / folder / "trainer_state.json").read_text())["step"]
+
+
+def resumed_at(stderr: str) -> int | None:
+    """The step the engine said it resumed from ("resuming from ... at step N"), or None."""
+    found = re.search(r"resuming from \S+ at step (\d+)", stderr)
+    return int(found.group(1)) if found else None
+
+
+def leftovers(out: Path) -> list[str]:
+    """Names in output_dir that only an interrupted save leaves behind."""
+    return sorted(p.name for p in Path(out).iterdir() if p.name.endswith(".tmp") or p.name == "checkpoint-prev")
+
+
+def one_paragraph(message: str) -> bool:
+    """An error message a user reads at once: text, no blank line, no traceback inside."""
+    text = message.strip()
+    return bool(text) and "\n\n" not in text and "Traceback" not in text
