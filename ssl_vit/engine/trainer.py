@@ -243,34 +243,65 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write checkpoint-last/ (atomically) and backbone.safetensors; every process must call it."""
+        """Write checkpoint-last/ (atomically) and backbone.safetensors; every process must call it.
+
+        A failed write (disk full, ...) on any process stops every process with the same error, the
+        previous checkpoint untouched, instead of leaving the others waiting at a barrier.
+        """
         acc = self.accelerator
+        main = acc.is_main_process
         model_state, optim_state = self._full_states()
         tmp = ckpt.temp_dir(self.output_dir)
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        main = acc.is_main_process
-        ckpt.write_checkpoint_files(
-            tmp,
-            model_state=model_state if main else None,
-            optimizer_state=optim_state if main else None,
-            scaler_state=acc.scaler.state_dict() if (main and acc.scaler is not None) else None,
-            ema_state=self.ema.state_dict() if (main and self.ema is not None) else None,
-            rng_state=capture_rng(),
-            rank=acc.process_index,
-        )
-        acc.wait_for_everyone()
-        if main:
-            ckpt.swap_in(self.output_dir, self._trainer_state())
-            self._export_backbones(model_state)
-        acc.wait_for_everyone()
+        error: OSError | None = None
+        try:
+            if main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
+        self._agree_or_raise(error)
+        try:
+            ckpt.write_checkpoint_files(
+                tmp,
+                model_state=model_state if main else None,
+                optimizer_state=optim_state if main else None,
+                scaler_state=acc.scaler.state_dict() if (main and acc.scaler is not None) else None,
+                ema_state=self.ema.state_dict() if (main and self.ema is not None) else None,
+                rng_state=capture_rng(),
+                rank=acc.process_index,
+            )
+        except OSError as err:
+            error = err
+        self._agree_or_raise(error)
+        try:
+            if main:
+                ckpt.swap_in(self.output_dir, self._trainer_state())
+                self.last_checkpoint = self.output_dir / ckpt.CHECKPOINT
+                self._last_saved_step = self.pos.step
+                self._export_backbones(model_state)
+        except OSError as err:
+            error = err
+        self._agree_or_raise(error)
         self.last_checkpoint = self.output_dir / ckpt.CHECKPOINT
         self._last_saved_step = self.pos.step
         self._last_saved_pos = (self.pos.step, self.pos.epoch, self.pos.batch_in_epoch)
         return self.last_checkpoint
+
+    def _agree_or_raise(self, error: OSError | None) -> None:
+        """A barrier that also tells every process whether a checkpoint write failed somewhere."""
+        acc = self.accelerator
+        failed = torch.tensor(float(error is not None), device=acc.device)
+        if acc.num_processes > 1:
+            failed = acc.reduce(failed, reduction="sum")
+        if float(failed) == 0:
+            return
+        kept = f"{self.last_checkpoint} (step {self._last_saved_step}) is intact" if self.last_checkpoint else "no earlier checkpoint exists"
+        where = f": {error}" if error is not None else " on another process"
+        raise ckpt.CheckpointError(
+            f"could not write the checkpoint of step {self.pos.step}{where}. {kept}; free disk space (or fix "
+            f"the output_dir permissions) and relaunch with train.resume=auto to continue."
+        ) from error
 
     def _export_backbones(self, model_state: dict[str, torch.Tensor]) -> None:
         from ssl_vit.config import config_to_dict

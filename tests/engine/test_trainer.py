@@ -169,3 +169,26 @@ def test_compile__compiled_objective_trains_saves_plain_keys_and_resumes(referen
     assert not any("_orig_mod" in k for k in weights(tmp_path))
     cfg = toy_config(tmp_path, compile=True, max_steps=4, save_every=2)
     assert Trainer(cfg, toy_objective(stochastic=False), toy_loader()).fit()["steps"] == 4
+
+
+def test_save__disk_full_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from ssl_vit.engine import CheckpointError
+    from ssl_vit.engine import checkpoint as ckpt
+
+    real, saves = ckpt.save_tensors, {"n": 0}
+
+    def full_disk(tensors, path, metadata=None):
+        if path.name == "model.safetensors":
+            saves["n"] += 1
+            if saves["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(ckpt, "save_tensors", full_disk)
+    with pytest.raises(CheckpointError, match=r"step 6: .*No space left.*checkpoint-last \(step 3\) is intact.*resume=auto"):
+        Trainer(toy_config(tmp_path), toy_objective(), toy_loader()).fit()
+    assert json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 3
+    monkeypatch.setattr(ckpt, "save_tensors", real)
+    assert Trainer(toy_config(tmp_path), toy_objective(), toy_loader()).fit()["steps"] == 16
