@@ -84,6 +84,8 @@ def _array_to_image(arr: np.ndarray) -> Image.Image:
         raise BadImage(f"an image array must be (H, W), (H, W, C) or (C, H, W), got shape {arr.shape}")
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():  # a NaN would otherwise be cast to an arbitrary pixel value
+            raise BadImage(f"the image array holds {int((~np.isfinite(arr)).sum())} NaN or infinite values")
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
         arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
