@@ -390,7 +390,13 @@ def _fingerprint(script: Optional[Path], config: Optional[Path], args: list[str]
     h = hashlib.sha256()
     h.update(str(script).encode())
     if config is not None:
-        h.update(config.read_bytes())
+        # The parsed settings, not the bytes: editing a config's comments (its expected-result line)
+        # must not make every run of it stale.
+        try:
+            settings = yaml.safe_load(config.read_text())
+        except yaml.YAMLError:
+            settings = config.read_text()
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(json.dumps([args, extra]).encode())
     return h.hexdigest()[:16]
 

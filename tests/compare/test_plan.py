@@ -146,3 +146,26 @@ def test_presets__load_and_resolve(preset, tmp_path: Path):
     plan = load_plan(PRESETS / preset)
     runs = resolve_runs(plan, tmp_path)
     assert runs and (PRESETS / preset).read_text().startswith("# python tools/compare.py --plan")
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_tool", Path(__file__).resolve().parents[2] / "tools" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli__plan_error_exits_2_with_the_message(tmp_path: Path, capsys):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(_plan(budget={"kind": "images", "imags": 5})))
+    assert _tool().main(["--plan", str(path), "--dry-run"]) == 2
+    assert "plan error" in capsys.readouterr().err
+
+
+def test_cli__only_with_an_unknown_name_names_the_closest(tmp_path: Path, capsys):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(_plan()))
+    assert _tool().main(["--plan", str(path), "--dry-run", "--only", "randm", "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'random'?" in capsys.readouterr().err

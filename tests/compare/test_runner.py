@@ -163,3 +163,17 @@ def test_timeout__stops_the_run_and_reports_it(fakes, tmp_path: Path):
     code, results = run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
     assert code == 1
     assert any(p.startswith("pretrain/alpha: failed: stopped after the launcher's timeout_s=0.5") for p in results.problems)
+
+
+def test_config_comment_edit__does_not_make_runs_stale(fakes, tmp_path: Path):
+    config = tmp_path / "alpha.yaml"
+    config.write_text("# expected: TBD\ntrain:\n  batch_size: 32\n")
+    raw = _plan(fakes)
+    raw["pretrain"][0]["config"] = str(config)
+    before = {r.id: r.fingerprint for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    config.write_text("# expected: 61% top-1 (measured)\ntrain:\n  batch_size: 32\n")
+    after = {r.id: r.fingerprint for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    config.write_text("# expected: 61% top-1 (measured)\ntrain:\n  batch_size: 16\n")
+    changed = {r.id: r.fingerprint for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert before == after
+    assert changed["pretrain/alpha"] != after["pretrain/alpha"] and changed["pretrain/beta"] == after["pretrain/beta"]
