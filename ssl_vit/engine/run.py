@@ -77,6 +77,9 @@ def run_pretrain(cfg: Any) -> dict[str, Any]:
     obj_kwargs = objective_kwargs(cfg, cls)
     if m.checkpoint and _accepts(cls, "init_backbone"):
         obj_kwargs.setdefault("init_backbone", False)  # keep the loaded weights
+    for key in ("mean", "std"):  # objectives that draw images (MAE) undo the data's normalisation
+        if _accepts(cls, key):
+            obj_kwargs.setdefault(key, tuple(getattr(cfg.data, key)))
     objective = build_objective(cfg.objective.name, backbone, **obj_kwargs)
 
     transform = getattr(cls, "transform", "supervised")
