@@ -102,6 +102,19 @@ def _torch_load(path: Path) -> Any:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; a truncated or foreign file is a CheckpointError naming it (not a bare header error)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated (an interrupted copy or "
+            f"download) or not safetensors at all. Copy it again, or point to another checkpoint."
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------------
 # The full state
 
@@ -194,14 +207,14 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
 
 
 def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"), device="cpu")
+    return _load_safetensors(folder / "model.safetensors")
 
 
 def read_optional(folder: Path, name: str) -> Any:
     path = folder / name
     if not path.is_file():
         return None
-    return load_file(str(path), device="cpu") if path.suffix == ".safetensors" else _torch_load(path)
+    return _load_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
 
 
 def read_rng(folder: Path, rank: int) -> dict[str, Any] | None:
@@ -341,7 +354,7 @@ def load_backbone(
     if own is not None:
         meta = json.loads(own.with_suffix(".json").read_text())
         spec = dict(meta["model"])
-        state = load_file(str(own), device="cpu")
+        state = _load_safetensors(own)
         source = str(own)
     else:
         try:

@@ -32,9 +32,16 @@ def load_tensor_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({err}): it is truncated (an interrupted copy or "
+                f"download) or not safetensors at all. Copy it again, or point to another checkpoint."
+            ) from None
     try:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
