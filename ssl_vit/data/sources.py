@@ -35,6 +35,13 @@ AnyDataset = Any  # datasets.Dataset | datasets.IterableDataset (datasets is imp
 class DataError(ValueError):
     """A data problem the user can fix; the message names the dataset, what is wrong and the fix."""
 
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader worker's DataError comes back re-raised as "Caught DataError in DataLoader worker
+        # process N.\nOriginal Traceback (...):\n...\nDataError: <message>": keep the user's paragraph.
+        if message.startswith("Caught DataError") and "DataError: " in message:
+            message = message.rsplit("DataError: ", 1)[1].strip()
+        super().__init__(message)
+
 
 @dataclass
 class DataBundle:
