@@ -364,8 +364,9 @@ class Trainer:
                 if optim_state is not None:
                     self.optimizer.load_state_dict(optim_state)
         except (RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(str(err).split())  # torch lists the keys over several tab-indented lines
             raise ckpt.CheckpointError(
-                f"checkpoint {folder} does not fit this run ({err}). Was it written with another objective, "
+                f"checkpoint {folder} does not fit this run ({detail}). Was it written with another objective, "
                 f"model or optimizer? Use another output_dir, or train.resume=never to start afresh there."
             ) from None
         scaler_state = ckpt.read_optional(folder, "scaler.pt")
