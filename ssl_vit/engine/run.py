@@ -37,6 +37,24 @@ def _accepts(cls: type, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def check_output_dir(path: Any) -> None:
+    """Create `path` and write a file in it now, so an unwritable output_dir fails before data and model are built."""
+    import tempfile
+    from pathlib import Path
+
+    from ssl_vit.config import ConfigError
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir={path} cannot be created or written ({err.strerror or err}): set output_dir to a "
+            f"writable folder (checkpoints and backbone.safetensors go there)."
+        ) from None
+
+
 def run_pretrain(cfg: Any) -> dict[str, Any]:
     """Train `cfg.objective.name` on `cfg.data` with a `cfg.model` backbone; returns the Trainer's summary."""
     from accelerate import PartialState
@@ -48,6 +66,7 @@ def run_pretrain(cfg: Any) -> dict[str, Any]:
     from ssl_vit.models import create_model
     from ssl_vit.objectives import build_objective, get_objective, import_objective_module
 
+    check_output_dir(cfg.output_dir)
     if cfg.objective.module:
         import_objective_module(cfg.objective.module)
     cls = get_objective(cfg.objective.name)
