@@ -83,8 +83,7 @@ def _checkpoint_files(path: Path) -> tuple[Path, Path]:
 
 def _load_checkpoint_teacher(path: Path) -> nn.Module:
     """A teacher saved by this suite (any architecture): rebuild it from backbone.json, load the weights."""
-    from safetensors.torch import load_file
-
+    from ssl_vit.interop.safe_load import load_tensor_file  # safetensors, or torch.load(weights_only=True)
     from ssl_vit.models import ViT, create_model, load_weights
 
     weights, meta = _checkpoint_files(path)
@@ -92,7 +91,7 @@ def _load_checkpoint_teacher(path: Path) -> nn.Module:
     if not isinstance(spec, dict) or "name" not in spec:
         raise TeacherError(f"{meta} has no 'model' spec ({{'name': ..., ...}}) to rebuild the teacher from.")
     model = create_model(**spec)
-    state = load_file(str(weights), device="cpu")
+    state = load_tensor_file(weights)  # a truncated or unsafe file is a clear error naming it
     if isinstance(model, ViT):
         load_weights(model, state, strict=True)
     else:
