@@ -102,9 +102,9 @@ def load_eval_backbone(
 
     A random backbone is `model.*` drawn from `seed`, so that repeating with several seeds measures
     the spread of the random-init floor too. The image size defaults to `data.image_size`.
-    `frozen=True` (kNN, probe): a checkpoint keeps its saved pooling and drop path (only the image size
-    follows the config) and loses its head (`num_classes=0`). `frozen=False` (fine-tune): `model.global_pool`
-    and `model.drop_path_rate` apply too.
+    `frozen=True` (kNN, probe): a checkpoint keeps its saved pooling, drop path and head (only the
+    image size follows the config). `frozen=False` (fine-tune): `model.global_pool`, `model.drop_path_rate`
+    and a `num_classes` head apply too.
     """
     from ssl_vit.engine import load_backbone
 
@@ -113,7 +113,9 @@ def load_eval_backbone(
     if checkpoint == "random":
         torch.manual_seed(seed)
         return load_backbone("random", model_cfg, num_classes=num_classes)
-    return load_backbone(checkpoint, _ImageSizeOnly(img_size) if frozen else model_cfg, num_classes=num_classes)
+    if frozen:  # the saved head stays (features are pre-logits, it is never used): a strict load of any model
+        return load_backbone(checkpoint, _ImageSizeOnly(img_size), num_classes=None)
+    return load_backbone(checkpoint, model_cfg, num_classes=num_classes)
 
 
 def make_accelerator(output_dir: str | Path, mixed_precision: str | None = None) -> Any:

@@ -96,7 +96,7 @@ def test_load_eval_backbone__checkpoint_keeps_its_pooling_and_weights_for_frozen
     save_backbone(saved, tmp_path / "run", objective="supervised")
     model_cfg = ModelConfig(name="vit_tiny_patch4_32")  # ignored for a checkpoint, except the image size
     loaded = load_eval_backbone(str(tmp_path / "run"), model_cfg, DataConfig(image_size=16), seed=0)
-    assert loaded.global_pool == "avg" and loaded.num_classes == 0
+    assert loaded.global_pool == "avg" and loaded.num_classes == 3  # the head stays; features are pre-logits
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().forward_head(loaded.forward_features(x), pre_logits=True),
