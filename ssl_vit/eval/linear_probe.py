@@ -226,14 +226,16 @@ def _run_features(cfg: Any, seeds: list[int], bundle: Any, accelerator: Any) -> 
     info: dict[str, Any] = {"feature_seconds": 0.0, "probe_seconds": 0.0}
     model = None
     for seed in seeds:
+        # A saved checkpoint's features are the same for every seed (seeds change the head's init and
+        # the batch order); a random init is redrawn per seed.
         if model is None or cfg.checkpoint == "random":
             model = load_eval_backbone(cfg.checkpoint, cfg.model, cfg.data, seed)
-        t0 = time.perf_counter()
-        train_f, train_y, _ = split_features(cfg, model, bundle, "train", seed, accelerator)
-        eval_f, eval_y, _ = split_features(cfg, model, bundle, "eval", seed, accelerator)
+            t0 = time.perf_counter()
+            train_f, train_y, _ = split_features(cfg, model, bundle, "train", seed, accelerator)
+            eval_f, eval_y, _ = split_features(cfg, model, bundle, "eval", seed, accelerator)
+            info["feature_seconds"] += time.perf_counter() - t0
+            info.update(n_train=len(train_y), n_eval=len(eval_y), model=model)
         t1 = time.perf_counter()
-        info.update(n_train=len(train_y), n_eval=len(eval_y), model=model)
-        info["feature_seconds"] += t1 - t0
 
         def log(step: int, values: dict[str, float], seed: int = seed) -> None:
             accelerator.log({f"seed{seed}/{k}": v for k, v in values.items()}, step=step)
@@ -251,6 +253,11 @@ def _run_features(cfg: Any, seeds: list[int], bundle: Any, accelerator: Any) -> 
     return per_lr, info
 
 
+def _size(dataset: Any) -> int | None:
+    """Rows of a dataset; None for streamed data (no length)."""
+    return len(dataset) if hasattr(dataset, "__len__") else None
+
+
 def _run_augment(cfg: Any, seeds: list[int], bundle: Any) -> tuple[list[list[dict]], dict]:
     """The paper path: one engine run per (lr, seed) under output_dir/[blr_<b>/]seed_<s>."""
     from ssl_vit.data import make_loader
@@ -259,7 +266,7 @@ def _run_augment(cfg: Any, seeds: list[int], bundle: Any) -> tuple[list[list[dic
 
     blrs = _sweep_blrs(cfg)
     per_lr: list[list[dict[str, float]]] = [[] for _ in blrs]
-    info: dict[str, Any] = {"n_train": len(bundle.train), "n_eval": len(bundle.eval)}
+    info: dict[str, Any] = {"n_train": _size(bundle.train), "n_eval": _size(bundle.eval)}
     for i, blr in enumerate(blrs):
         for seed in seeds:
             out = Path(cfg.output_dir) / (f"blr_{blr:g}" if len(blrs) > 1 else "") / f"seed_{seed}"
@@ -315,7 +322,8 @@ def run_linear_probe(cfg: Any) -> dict[str, Any]:
     metrics = metrics_header("linear_probe", cfg, info.get("model"), eval_split_name(cfg.data, bundle))
     metrics.update(
         hyperparameters={
-            "mode": cfg.probe.mode, "pool": cfg.features.pool, "epochs": cfg.train.epochs, "batch_size": batch,
+            "mode": cfg.probe.mode, "pool": cfg.features.pool, "epochs": cfg.train.epochs,
+            "max_steps": cfg.train.max_steps if cfg.probe.mode == "augment" else None, "batch_size": batch,
             "optimizer": cfg.optim.name, "blr": blrs[best], "lr": sweep[best]["lr"],
             "weight_decay": cfg.optim.weight_decay, "warmup_epochs": cfg.optim.warmup_epochs,
             "min_lr": cfg.optim.min_lr, "image_size": cfg.data.image_size, "head": "BatchNorm1d(affine=False)+Linear",
