@@ -347,13 +347,17 @@ def _class_info(
     return len(names), names, {v: i for i, v in enumerate(values.tolist())}
 
 
-def _check_label_range(ds: AnyDataset, label_col: str, num_classes: int, what: str) -> None:
+def _check_label_range(
+    ds: AnyDataset, label_col: str, num_classes: int, what: str, row_ids: Optional[np.ndarray] = None
+) -> None:
+    """`row_ids`: for a carved subset, the source-split row of each of its rows (errors name those)."""
     labels = _label_values(ds, label_col)
     if labels.size == 0 or labels.dtype.kind not in "iu":
         return
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        row, value = int(bad[0]), int(labels[bad[0]])
+        row = int(bad[0]) if row_ids is None else int(row_ids[bad[0]])
+        value = int(labels[bad[0]])
         hint = (
             " (-1 marks unlabelled rows, e.g. a test split: choose another data.eval_split)"
             if value == -1
@@ -453,7 +457,9 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
         num_classes, class_names, label_map = _class_info(cfg, parts, label_col, streaming, f"dataset '{name}'")
         if not streaming and label_map is None:
             for part, ds in parts:
-                _check_label_range(ds, label_col, num_classes, f"{part} split of dataset '{name}'")
+                rows = train_rows if part == "train" else eval_rows  # carved: rows of the source split
+                where = f"split '{cfg.train_split}'" if rows is not None else f"{part} split"
+                _check_label_range(ds, label_col, num_classes, f"{where} of dataset '{name}'", rows)
 
     bundle = DataBundle(
         train=train,
