@@ -93,3 +93,43 @@ def one_paragraph(message: str) -> bool:
     """An error message a user reads at once: text, no blank line, no traceback inside."""
     text = message.strip()
     return bool(text) and "\n\n" not in text and "Traceback" not in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small datasets on disk, in the layouts users bring
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 16) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_folder(root: Path, n: int = 24, classes: int = 3, size: int = 16, corrupt: int | None = None) -> Path:
+    """root/<class>/<i>.png, n images of random colours; `corrupt`: that file (in sorted order) is garbage."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        folder = root / f"class{i % classes}"
+        folder.mkdir(exist_ok=True)
+        paths.append(folder / f"{i:04d}.png")
+    for i, path in enumerate(sorted(paths)):
+        data = png_bytes(tuple(int(c) for c in rng.integers(0, 256, 3)), size)
+        path.write_bytes(data[: len(data) // 3] if i == corrupt else data)
+    return root
+
+
+def parquet(path: Path, columns: dict) -> Path:
+    """A parquet file of these columns (datasets infers the features)."""
+    import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(columns).to_parquet(str(path))
+    return path
