@@ -15,3 +15,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def mae_reference(tmp_path_factory):
+    """backbone.safetensors of one uninterrupted tiny MAE recipe run (child process): what every
+    interrupted, resumed run must equal bit for bit."""
+    from reliability_common import TINY_MAE, TINY_STEPS, backbone_weights, checkpoint_step, launch
+
+    out = tmp_path_factory.mktemp("mae_reference")
+    proc = launch("mae_pretrain.py", *TINY_MAE, f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert checkpoint_step(out) == TINY_STEPS
+    return backbone_weights(out)

@@ -30,17 +30,7 @@ def run(out, faults: str = ""):
     return launch("mae_pretrain.py", *TINY_MAE, f"output_dir={out}", faults=faults)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run every interrupted one must equal."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = run(out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert checkpoint_step(out) == TINY_STEPS
-    return backbone_weights(out)
-
-
-def test_sigkill_mid_step_then_mid_save_then_mid_export__each_relaunch_resumes_and_ends_equal(reference, tmp_path):
+def test_sigkill_mid_step_then_mid_save_then_mid_export__each_relaunch_resumes_and_ends_equal(mae_reference, tmp_path):
     # 1. Killed in step 2, before any checkpoint: the relaunch starts afresh.
     proc = run(tmp_path, "kill_forward=2")
     assert proc.returncode == KILLED, proc.stderr[-3000:]
@@ -62,18 +52,18 @@ def test_sigkill_mid_step_then_mid_save_then_mid_export__each_relaunch_resumes_a
     assert checkpoint_step(tmp_path) == 9
     # The half-written export stays a temp file; the visible backbone is the previous complete one.
     assert (tmp_path / "backbone.safetensors.tmp").is_file()
-    assert set(load_file(str(tmp_path / "backbone.safetensors"))) == set(reference)
+    assert set(load_file(str(tmp_path / "backbone.safetensors"))) == set(mae_reference)
 
     # 4. The last relaunch finishes from step 9 with the uninterrupted run's weights, and tidies up.
     proc = run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert resumed_at(proc.stderr) == 9
-    assert_same_tensors(backbone_weights(tmp_path), reference)
+    assert_same_tensors(backbone_weights(tmp_path), mae_reference)
     assert checkpoint_step(tmp_path) == TINY_STEPS
     assert leftovers(tmp_path) == []
 
 
-def test_sigkill_while_checkpoint_files_are_half_written__torn_folder_never_read(reference, tmp_path):
+def test_sigkill_while_checkpoint_files_are_half_written__torn_folder_never_read(mae_reference, tmp_path):
     # Killed in the 2nd save (step 6) with model.safetensors of the temp folder cut in half.
     proc = run(tmp_path, "kill_save=2:torn")
     assert proc.returncode == KILLED, proc.stderr[-3000:]
@@ -92,5 +82,5 @@ def test_sigkill_while_checkpoint_files_are_half_written__torn_folder_never_read
     proc = run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert resumed_at(proc.stderr) == 6
-    assert_same_tensors(backbone_weights(tmp_path), reference)
+    assert_same_tensors(backbone_weights(tmp_path), mae_reference)
     assert leftovers(tmp_path) == []
