@@ -1,0 +1,46 @@
+"""Interleaved rounds, per-round ratios and memory measurement (no timing assertions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_vit.bench import Case, measure_memory, median_ratio, run_rounds
+
+CPU = torch.device("cpu")
+
+
+def test_run_rounds__one_time_per_round_per_case_and_order_alternates():
+    calls: list[str] = []
+    cases = [Case(n, "g", "ours", lambda n=n: calls.append(n), images=4) for n in ("a", "b", "c")]
+    times = run_rounds(cases, CPU, rounds=3, steps=2, warmup=1)
+    assert set(times) == {"a", "b", "c"} and all(len(t) == 3 for t in times.values())
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    timed = calls[3:]
+    assert timed[:6] == ["a", "a", "b", "b", "c", "c"]  # round 1 forward
+    assert timed[6:12] == ["c", "c", "b", "b", "a", "a"]  # round 2 backward
+    assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def test_run_rounds__rejects_zero_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        run_rounds([Case("a", "g", "ours", lambda: None, 1)], CPU, rounds=0, steps=1)
+
+
+def test_median_ratio__is_median_of_reference_over_ours_per_round():
+    ours = [1.0, 2.0, 1.0]
+    reference = [2.0, 2.0, 3.0]  # per-round ratios 2, 1, 3
+    assert median_ratio(ours, reference) == 2.0
+
+
+def test_median_ratio__needs_matching_rounds():
+    with pytest.raises(ValueError):
+        median_ratio([1.0], [1.0, 2.0])
+
+
+def test_measure_memory__cpu_reports_rss_peak_and_step_increase():
+    keep = []
+    mem = measure_memory(lambda: keep.append(torch.ones(4 * 2**20)), CPU)  # 16 MiB kept alive
+    assert mem["kind"] == "cpu_rss"
+    assert mem["peak_mib"] > 0 and mem["step_mib"] >= 0
+    assert mem["peak_mib"] >= mem["step_mib"]
