@@ -99,7 +99,18 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def _torch_load(path: Path) -> Any:
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False: the wrong advice for a file we never write so.
+        found = str(err).partition("Unsupported global: ")[2].split(" was not")[0]
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than tensors ({found or 'unsupported'}), "
+            f"and unpickling them could run arbitrary code; ssl_vit never writes such files. Replace the "
+            f"checkpoint with one you trust, or set train.resume=never to start afresh."
+        ) from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
