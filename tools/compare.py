@@ -19,8 +19,10 @@ from ssl_vit.config import ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plan", required=True, help="plan YAML, e.g. recipes/configs/compare/compare_default.yaml")
-    parser.add_argument("--out", default=None, help="output folder (default: the plan's 'out', else outputs/compare/<name>)")
-    parser.add_argument("--dry-run", action="store_true", help="print what would run (and what is complete); run nothing")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: the plan's 'out', else outputs/compare/<name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would run (and what is complete); run nothing")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="run only this method, evaluation, or method/evaluation (repeatable); the table still "
                              "shows everything already done")

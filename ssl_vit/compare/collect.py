@@ -266,7 +266,8 @@ def collect(
     columns = [(ev.name or ev.protocol, ev.protocol) for ev in plan.evaluations]  # type: ignore[union-attr]
     launcher = plan.launcher
     launch = "python" if launcher.kind == "python" else (
-        f"accelerate launch (config {launcher.config_file or 'default'}, {launcher.num_processes or 'default'} processes)"
+        f"accelerate launch (config {launcher.config_file or 'default'}, "
+        f"processes {launcher.num_processes or 'default'})"
     )
     results = Results(
         name=plan.name,

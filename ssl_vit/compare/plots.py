@@ -40,7 +40,8 @@ def plot_accuracy(results: Results, path: str | Path) -> Optional[Path]:
                 errs.append(cell.top1_std or 0.0)
         if xs:
             any_bar = True
-            bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=m.name)
+            style = {"color": "0.7", "hatch": "//"} if m.kind == "random" else {}  # the floor, drawn apart
+            bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=m.name, **style)
             for bar, y in zip(bars, ys):
                 ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
                             fontsize=7, xytext=(0, 2), textcoords="offset points")

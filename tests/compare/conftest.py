@@ -32,8 +32,8 @@ if args.get("fake.fail") == "true":
 FAKE_PRETRAIN = _COMMON + """
 steps = int(args.get("train.max_steps", 7))
 (out / "backbone.safetensors").write_bytes(b"weights")
-(out / "backbone.json").write_text(json.dumps({"model": {"name": "vit_nano_patch4_32"}, "objective": args.get("fake.objective", "mae"),
-    "step": steps, "images_seen": steps * 8, "seconds": 2.0, "images_per_sec": steps * 4.0}))
+(out / "backbone.json").write_text(json.dumps({"model": {"name": "vit_nano_patch4_32"},
+    "objective": args.get("fake.objective", "mae"), "step": steps, "images_seen": steps * 8, "seconds": 2.0, "images_per_sec": steps * 4.0}))
 """
 
 FAKE_EVAL = _COMMON + """

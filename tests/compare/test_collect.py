@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vit.compare import collect, plan_from_dict, read_loss_curve, read_metrics, resolve_runs, write_plots, write_results
+from ssl_vit.compare import (
+    collect,
+    plan_from_dict,
+    read_loss_curve,
+    read_metrics,
+    resolve_runs,
+    write_plots,
+    write_results,
+)
 from ssl_vit.compare.collect import pretrain_stats
 from ssl_vit.compare.report import format_cell, format_seconds, markdown_table
 from ssl_vit.compare.runner import RunStatus
@@ -43,7 +51,9 @@ def test_read_metrics__one_seed_shows_no_spread(tmp_path: Path):
     assert format_cell(read_metrics(tmp_path / "metrics.json")) == "42.0"
 
 
-@pytest.mark.parametrize("content, status", [("{not json", "invalid"), ('{"top1": "n/a"}', "invalid"), (None, "missing")])
+@pytest.mark.parametrize(
+    "content, status", [("{not json", "invalid"), ('{"top1": "n/a"}', "invalid"), (None, "missing")]
+)
 def test_read_metrics__bad_or_missing_file_is_a_cell_not_an_exception(tmp_path: Path, content, status):
     if content is not None:
         (tmp_path / "metrics.json").write_text(content)
@@ -91,7 +101,8 @@ def _fake_plan(tmp_path: Path):
         "shared": {"data.name": "synthetic"},
         "pretrain": [{"name": "mae", "recipe": str(script)}, {"name": "sup", "recipe": str(script)},
                      {"name": "random", "checkpoint": "random"}],
-        "evaluations": [{"protocol": "knn", "recipe": str(script)}, {"protocol": "linear_probe", "recipe": str(script)}],
+        "evaluations": [{"protocol": "knn", "recipe": str(script)},
+                        {"protocol": "linear_probe", "recipe": str(script)}],
     })
     out = tmp_path / "out"
     return plan, resolve_runs(plan, out), out

@@ -74,10 +74,12 @@ def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_no
     assert "| broken (pretraining FAILED) | blocked | blocked | blocked |" in table and "## Problems" in table
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
-    mtimes[out / "pretrain" / "mae" / "backbone.safetensors"] = (out / "pretrain" / "mae" / "backbone.safetensors").stat().st_mtime_ns
+    weights = out / "pretrain" / "mae" / "backbone.safetensors"
+    mtimes[weights] = weights.stat().st_mtime_ns
     second = _compare(plan_file, out)
     assert second.returncode == 1  # still broken, and said so again
-    started = [line.split()[1] for line in second.stdout.splitlines() if line.startswith(("[run]", "[resume]", "[rerun]"))]
+    lines = second.stdout.splitlines()
+    started = [line.split()[1] for line in lines if line.startswith(("[run]", "[resume]", "[rerun]"))]
     assert started == ["pretrain/broken"]  # only what failed is tried again
     assert second.stdout.count("[skip]") == 7
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing complete was rerun

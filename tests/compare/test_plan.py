@@ -151,7 +151,8 @@ def test_presets__load_and_resolve(preset, tmp_path: Path):
 def _tool():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("compare_tool", Path(__file__).resolve().parents[2] / "tools" / "compare.py")
+    path = Path(__file__).resolve().parents[2] / "tools" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

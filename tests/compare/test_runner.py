@@ -150,7 +150,8 @@ def test_accelerate_launcher__wraps_every_command(fakes, tmp_path: Path):
     runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
     plan = plan_from_dict(raw)
     cmd = runs["pretrain/alpha"].command(plan.launcher, "python")
-    assert cmd[:7] == ["python", "-m", "accelerate.commands.launch", "--config_file", "acc.yaml", "--num_processes", "2"]
+    launch = ["python", "-m", "accelerate.commands.launch", "--config_file", "acc.yaml", "--num_processes", "2"]
+    assert cmd[:7] == launch
     assert cmd[7] == str(fakes["pretrain"])
     assert "train.max_steps=10" in runs["pretrain/alpha"].args  # 640 / (32 x 2 processes)
 
@@ -162,7 +163,8 @@ def test_timeout__stops_the_run_and_reports_it(fakes, tmp_path: Path):
     raw["pretrain"][0]["recipe"] = str(hang)
     code, results = run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
     assert code == 1
-    assert any(p.startswith("pretrain/alpha: failed: stopped after the launcher's timeout_s=0.5") for p in results.problems)
+    expected = "pretrain/alpha: failed: stopped after the launcher's timeout_s=0.5"
+    assert any(p.startswith(expected) for p in results.problems)
 
 
 def test_config_comment_edit__does_not_make_runs_stale(fakes, tmp_path: Path):
