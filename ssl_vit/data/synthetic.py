@@ -124,14 +124,15 @@ def _background(rng: np.random.Generator, n: int, size: int, xx: np.ndarray, yy:
     angle = rng.uniform(0, 2 * math.pi, (n, 1, 1))
     ramp = (xx * np.cos(angle) + yy * np.sin(angle)) / size - 0.5  # (n, S, S) in about [-0.7, 0.7]
     grad = ramp[..., None] * rng.uniform(-0.3, 0.3, (n, 1, 1, 3))
-    # Sinusoidal stripes of a second colour, random frequency, direction and phase.
-    freq = rng.uniform(1.0, 5.0, (n, 1, 1))
+    # Sinusoidal stripes of a second colour, random frequency, direction and phase. Kept gentler
+    # than the shape's contrast and wider than its edges, so that edges mostly come from the shape.
+    freq = rng.uniform(0.5, 3.0, (n, 1, 1))
     s_angle = rng.uniform(0, math.pi, (n, 1, 1))
     phase = rng.uniform(0, 2 * math.pi, (n, 1, 1))
     wave = np.sin(2 * math.pi * freq * (xx * np.cos(s_angle) + yy * np.sin(s_angle)) / size + phase)
-    stripes = wave[..., None] * rng.uniform(-0.15, 0.15, (n, 1, 1, 3))
+    stripes = wave[..., None] * rng.uniform(-0.1, 0.1, (n, 1, 1, 3))
     # Low-frequency blotches: a 4x4 random grid, bilinearly upsampled.
-    coarse = rng.uniform(-0.12, 0.12, (n, 4, 4, 3))
+    coarse = rng.uniform(-0.08, 0.08, (n, 4, 4, 3))
     pos = np.linspace(0, 3, size)
     i0 = np.minimum(pos.astype(int), 2)
     t = (pos - i0)[None, :, None]
@@ -180,7 +181,7 @@ def render_shapes(
     bg_lum = _luminance(bg.mean(axis=(1, 2)))
     gap = _luminance(fg) - bg_lum
     sign = np.where(gap == 0, 1.0, np.sign(gap))
-    need = np.maximum(0.35 - np.abs(gap), 0.0)
+    need = np.maximum(0.4 - np.abs(gap), 0.0)
     fg = np.clip(fg + (sign * need)[:, None], 0.0, 1.0)
     # Where clipping ate the shift, flip to the other side of the background instead.
     still_close = np.abs(_luminance(fg) - bg_lum) < 0.25
@@ -188,7 +189,7 @@ def render_shapes(
     fg = fg[:, None, None, :] * rng.uniform(0.85, 1.0, (n, 1, 1, 1))  # slight shading variety
 
     img = bg * (1.0 - alpha) + fg * alpha
-    img = img + rng.normal(0.0, 1.0, img.shape) * rng.uniform(0.0, 0.06, (n, 1, 1, 1))
+    img = img + rng.normal(0.0, 1.0, img.shape) * rng.uniform(0.0, 0.04, (n, 1, 1, 1))
     images = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     return (images, alpha[..., 0]) if return_coverage else images
 
