@@ -235,6 +235,8 @@ def _run_features(cfg: Any, seeds: list[int], bundle: Any, accelerator: Any) -> 
             eval_f, eval_y, _ = split_features(cfg, model, bundle, "eval", seed, accelerator)
             info["feature_seconds"] += time.perf_counter() - t0
             info.update(n_train=len(train_y), n_eval=len(eval_y), model=model)
+            if cfg.optim.lr is not None and not cfg.probe.lrs:  # an absolute lr: the base lr that gives it
+                blrs = [cfg.optim.lr * 256 / min(cfg.train.batch_size, len(train_y))]
         t1 = time.perf_counter()
 
         def log(step: int, values: dict[str, float], seed: int = seed) -> None:
@@ -250,6 +252,7 @@ def _run_features(cfg: Any, seeds: list[int], bundle: Any, accelerator: Any) -> 
             accelerator.log({f"probe/top1_blr{blrs[i]:g}": result["top1"]}, step=seed)
         info["probe_seconds"] += time.perf_counter() - t1
     info["batch"] = min(cfg.train.batch_size, info["n_train"])
+    info["blrs"] = blrs
     return per_lr, info
 
 
@@ -314,6 +317,7 @@ def run_linear_probe(cfg: Any) -> dict[str, Any]:
         accelerator = make_accelerator(cfg.output_dir, cfg.features.mixed_precision)
         per_lr, info = _run_features(cfg, seeds, bundle, accelerator)
     batch = info["batch"]
+    blrs = info.get("blrs", blrs)
     sweep = []
     for blr, runs in zip(blrs, per_lr):
         lr = cfg.optim.lr if (cfg.optim.lr is not None and len(blrs) == 1 and cfg.probe.mode == "augment") else blr * batch / 256
