@@ -124,7 +124,9 @@ class _Rows:
             try:
                 return self.label_map[value]
             except KeyError:
-                raise DataError(f"{self.where}: row {row} has label {value!r}, unseen when classes were counted.") from None
+                raise DataError(
+                    f"{self.where}: row {row} has label {value!r}, unseen when classes were counted."
+                ) from None
         label = int(value)
         if not 0 <= label < self.num_classes:
             raise DataError(
@@ -149,7 +151,9 @@ class _Rows:
             with self._skipped.get_lock():
                 self._skipped.value += 1
                 count = self._skipped.value
-            logger.warning("skipped unreadable image at row %s of %s (%s); %d skipped so far", row, self.where, err, count)
+            logger.warning(
+                "skipped unreadable image at row %s of %s (%s); %d skipped so far", row, self.where, err, count
+            )
             return None
         pixels = self.transform(image)
         label = None if self.label_column is None else self._label(label_value, row)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 
@@ -161,7 +161,7 @@ def _hub_error(name: str, err: BaseException) -> DataError:
     lower = text.lower()
     if _hub_offline():
         why = "the Hugging Face Hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and no cached copy exists"
-    elif any(s in lower for s in ("connection", "resolve", "timed out", "timeout", "network", "offline", "unreachable")):
+    elif any(s in lower for s in ("connection", "resolve", "timed out", "timeout", "network", "unreachable")):
         why = "the Hugging Face Hub could not be reached (no network?) and no cached copy exists"
     elif "doesn't exist" in lower or "not found" in lower or "404" in lower or "notfound" in lower:
         why = "the Hub has no dataset of that name (or it is gated/private: log in with `hf auth login`)"
@@ -310,7 +310,9 @@ def _carve_stream(train: AnyDataset, image_col: str, frac: float, seed: int) -> 
 
 def _check_not_empty(ds: AnyDataset, what: str) -> None:
     if hasattr(ds, "__len__") and len(ds) == 0:
-        raise DataError(f"{what} is empty (0 rows): check data.name and the split names (data.train_split, data.eval_split).")
+        raise DataError(
+            f"{what} is empty (0 rows): check data.name and the split names (data.train_split, data.eval_split)."
+        )
 
 
 def _class_info(
@@ -403,7 +405,8 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
     label_col = detect_label_column(features, cfg.label_column)
     if cfg.label_column and label_col is None:
         raise DataError(
-            f"dataset '{name}' has no column '{cfg.label_column}' (columns: {', '.join(features)}): fix data.label_column."
+            f"dataset '{name}' has no column '{cfg.label_column}' (columns: {', '.join(features)}): "
+            f"fix data.label_column."
         )
     if label_col is None and need_labels:
         raise DataError(
@@ -453,7 +456,9 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
 
     num_classes, class_names, label_map = None, [], None
     if label_col is not None:
-        parts = [("train", train)] + ([("eval", eval_ds)] if eval_ds is not None and label_col in _features(eval_ds) else [])
+        parts = [("train", train)]
+        if eval_ds is not None and label_col in _features(eval_ds):
+            parts.append(("eval", eval_ds))
         num_classes, class_names, label_map = _class_info(cfg, parts, label_col, streaming, f"dataset '{name}'")
         if not streaming and label_map is None:
             for part, ds in parts:

@@ -205,7 +205,8 @@ def test_shuffle_sampler__repeated_aug_puts_each_index_r_times_in_a_row():
 def test_make_loader__accelerate_shards_are_disjoint_and_cover_the_epoch(indexed_bundle, repeats):
     def shard(num_processes: int, index: int) -> list[list[int]]:
         loader = make_loader(indexed_bundle, "train", "mae", 4, train=True, seed=7, repeated_aug=repeats)
-        return _labels(prepare_data_loader(loader, num_processes=num_processes, process_index=index, put_on_device=False))
+        sharded = prepare_data_loader(loader, num_processes=num_processes, process_index=index, put_on_device=False)
+        return _labels(sharded)
 
     single = shard(1, 0)
     first, second = shard(2, 0), shard(2, 1)

@@ -13,7 +13,8 @@ from ssl_vit.data.synthetic import render_shapes
 
 
 def _pixels(ds) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(io.BytesIO(c["bytes"]))) for c in ds.cast_column("image", datasets.Image(decode=False))["image"]])
+    cells = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    return np.stack([np.asarray(Image.open(io.BytesIO(c["bytes"]))) for c in cells])
 
 
 def test_make_synthetic__is_a_classlabel_image_dataset_with_balanced_shape_classes():
