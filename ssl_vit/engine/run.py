@@ -58,7 +58,7 @@ def check_output_dir(path: Any) -> None:
 def run_pretrain(cfg: Any) -> dict[str, Any]:
     """Train `cfg.objective.name` on `cfg.data` with a `cfg.model` backbone; returns the Trainer's summary."""
     from accelerate import PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import parse_flag_from_env, set_seed
 
     from ssl_vit.data import load_data, make_loader
     from ssl_vit.engine.checkpoint import load_backbone
@@ -71,7 +71,9 @@ def run_pretrain(cfg: Any) -> dict[str, Any]:
         import_objective_module(cfg.objective.module)
     cls = get_objective(cfg.objective.name)
     needs_labels = bool(getattr(cls, "needs_labels", False))
-    state = PartialState()
+    # As Accelerator does: `accelerate launch --cpu` / torchrun with ACCELERATE_USE_CPU=1 mean one CPU process
+    # group. A plain PartialState() made first would settle on "not distributed" for every later Accelerator.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     # Dataset preparation (downloads, caches) once per machine, then every process reads the cache.
     with state.local_main_process_first():
         bundle = load_data(cfg.data, need_labels=needs_labels, seed=cfg.seed)
