@@ -111,6 +111,7 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     next to the feature pass), so the result does not depend on the number of processes.
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from ssl_vit.config import save_config
     from ssl_vit.data import load_data
@@ -132,7 +133,8 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     if cfg.knn.report_k not in ks:
         raise ValueError(f"knn.report_k={cfg.knn.report_k} is not in knn.ks={ks}: add it to knn.ks or change report_k.")
     seeds = eval_seeds(cfg)
-    with PartialState().local_main_process_first():
+    # The CPU flag as Accelerator reads it: a plain PartialState() first would make every process a world of one.
+    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).local_main_process_first():
         bundle = load_data(cfg.data, need_labels=True, seed=cfg.seed)
     accelerator = make_accelerator(cfg.output_dir, cfg.features.mixed_precision)
     model = None

@@ -337,9 +337,11 @@ def train_missing_teacher(cfg: Any) -> Any:
 def _say(message: str) -> None:
     """One line in the run's log (the main process only, as the trainer's own lines)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     log.info(message)
-    if PartialState().is_main_process:
+    # The CPU flag as Accelerator reads it: a plain PartialState() first would make every process a world of one.
+    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process:
         print(f"[ssl_vit] {message}", flush=True)
 
 
