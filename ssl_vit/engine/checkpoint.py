@@ -380,7 +380,8 @@ def load_backbone(
         source = str(path)
     spec.update(_model_overrides(model_cfg))
     spec.update({k: v for k, v in overrides.items() if v is not None})
-    saved_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    # ViTs name their classifier `head`; other timm models (a ResNet teacher: `fc`) keep it in the spec.
+    saved_classes = state["head.weight"].shape[0] if "head.weight" in state else int(spec.get("num_classes") or 0)
     reset_head = num_classes is not None and num_classes != saved_classes
     spec["num_classes"] = num_classes if num_classes is not None else saved_classes
     name = spec.pop("name")

@@ -74,6 +74,18 @@ def test_load_backbone__avg_pool_fine_tune_drops_the_final_norm_as_mae(tmp_path)
     assert torch.equal(loaded.blocks[1].mlp.fc1.weight, small().blocks[1].mlp.fc1.weight)
 
 
+def test_load_backbone__timm_convnet_run_keeps_its_classifier(tmp_path):
+    # A ResNet teacher trained by the supervised recipe names its classifier `fc`, not `head`.
+    from ssl_vit.models import create_model
+
+    net = create_model("resnet18", num_classes=7)
+    save_backbone(net, tmp_path / "backbone.safetensors", objective="supervised", step=1)
+    loaded = load_backbone(tmp_path)
+    assert loaded.num_classes == 7
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
 def test_load_backbone__random_builds_the_model_config():
     model = load_backbone("random", ModelConfig(name="vit_nano_patch4_32", img_size=16, args={"depth": 1}), num_classes=3)
     assert len(model.blocks) == 1 and model.head.out_features == 3
