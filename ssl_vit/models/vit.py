@@ -145,14 +145,14 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (
-            x.device.type == "cpu"
+            not torch.compiler.is_compiling()  # first: torch.compile traces F.linear, nothing below
+            and not torch.jit.is_scripting()
+            and x.device.type == "cpu"
             and x.dtype == torch.float32
             and w.dtype == torch.float32
             and x.numel() > 0
             and onednn_linear_enabled()
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_scripting()
             and _plain(x)
             and _plain(w)
             and _plain(self.bias)

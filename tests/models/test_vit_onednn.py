@@ -131,3 +131,12 @@ def test_set_onednn_linear__override_and_back_to_auto():
     assert onednn_linear_enabled() is False
     set_onednn_linear(None)
     assert onednn_linear_enabled() == auto
+
+
+def test_torch_compile__traces_the_backbone_in_one_graph():
+    # Under torch.compile OneDNNLinear is F.linear: no graph break per layer (each would recompile).
+    import torch._dynamo as dynamo
+
+    model = create_backbone("vit_nano_patch4_32", num_classes=10, depth=1)
+    explained = dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
