@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,17 @@ def launch(
     """Run recipes/<recipe> in a child process through faulty_launch.py (faults armed when given)."""
     cmd = (launcher or [sys.executable]) + [str(LAUNCH), str(RECIPES / recipe), *args]
     full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": faults, **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Its own process group: on a timeout (a hang) every process it started is stopped, not only the launcher.
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s (a hang?):\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def load_recipe(name: str) -> ModuleType:
