@@ -235,7 +235,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "data":
         run_data(argv[1:])
         return
-    run(build_parser().parse_args(argv))
+    from ssl_vit.models.vit import set_onednn_linear
+
+    threads = torch.get_num_threads()
+    try:
+        run(build_parser().parse_args(argv))
+    finally:  # --threads / --no-onednn change process-wide settings: leave them as found
+        torch.set_num_threads(threads)
+        set_onednn_linear(None)
 
 
 if __name__ == "__main__":

@@ -220,13 +220,15 @@ def hf_mae_config(backbone: nn.Module, mask_ratio: float, decoder: dict[str, int
     )
 
 
-def _mae(cfg: WorkloadConfig, env: BenchEnv, mask_ratio: float, overrides: dict[str, Any]) -> tuple[nn.Module, dict[str, int], int]:
+def _mae(
+    cfg: WorkloadConfig, env: BenchEnv, mask_ratio: float, overrides: dict[str, Any], decoder: dict[str, int] | None = None
+) -> tuple[nn.Module, dict[str, int], int]:
     from ssl_vit.models import create_backbone
     from ssl_vit.objectives import build_objective
 
     backbone = create_backbone(cfg.model, num_classes=0, pos_embed="sincos", **overrides)
     img = backbone.patch_embed.img_size[0]
-    decoder = _decoder(cfg, img)
+    decoder = decoder or _decoder(cfg, img)
     mae = build_objective("mae", backbone, mask_ratio=mask_ratio, norm_pix_loss=True, **decoder)
     return _maybe_onednn(mae, cfg).to(env.device), decoder, img
 
@@ -384,14 +386,16 @@ def scaling_cases(
 
     Each setting gets two cases: the full training step ("scaling/step/...") and the encoder alone,
     forward + backward of the visible patches ("scaling/encoder/..."), whose cost should follow the
-    share of visible patches.
+    share of visible patches. The decoder is the first size's at every size, so only the encoder's
+    input changes.
     """
+    decoder = _decoder(cfg, sizes[0][0])
     settings: list[tuple[int, int, float]] = [(sizes[0][0], sizes[0][1], r) for r in mask_ratios]
     settings += [(img, patch, cfg.mask_ratio) for img, patch in sizes[1:]]
     cases: list[Case] = []
     for img, patch, ratio in settings:
         torch.manual_seed(cfg.seed)
-        mae, decoder, _ = _mae(cfg, env, ratio, {**cfg.overrides, "img_size": img, "patch_size": patch})
+        mae, _, _ = _mae(cfg, env, ratio, {**cfg.overrides, "img_size": img, "patch_size": patch}, decoder)
         images, _ = _batch(env, batch_size, img, 1, cfg.seed)
         batch = {"pixel_values": images}
         tag = f"{img}px/p{patch}/mask{ratio:g}"

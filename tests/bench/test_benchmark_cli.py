@@ -46,7 +46,7 @@ def test_train__tiny_run_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     load_tool().main([
         "train", "--models", "vit_nano_patch4_32", "--objectives", "supervised,mae", "--batch-size", "4",
-        "--steps", "1", "--rounds", "2", "--warmup", "0", "--peak-seconds", "0.05", "--out", str(out),
+        "--steps", "1", "--rounds", "2", "--warmup", "0", "--peak-seconds", "0.05", "--threads", "1", "--out", str(out),
     ])
     text = capsys.readouterr().out
     assert "| supervised/ours |" in text and "| mae/hf |" in text and "| target |" in text
