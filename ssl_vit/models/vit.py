@@ -135,8 +135,10 @@ class _OneDNNLinearFn(torch.autograd.Function):
 
 
 def _plain(t: torch.Tensor | None) -> bool:
-    # Tensor subclasses (DTensor, FakeTensor, functorch wrappers) keep PyTorch's own kernels.
-    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+    # Tensor subclasses (DTensor, FakeTensor) and torch.func transforms (vmap, grad) keep PyTorch's kernels.
+    if t is None:
+        return True
+    return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class OneDNNLinear(nn.Linear):

@@ -140,3 +140,10 @@ def test_torch_compile__traces_the_backbone_in_one_graph():
     model = create_backbone("vit_nano_patch4_32", num_classes=10, depth=1)
     explained = dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_onednn_linear__torch_func_vmap_uses_pytorch_kernels(forced_on, calls):
+    layer = OneDNNLinear(8, 4)
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), F.linear(x, layer.weight, layer.bias))
+    assert calls == []
