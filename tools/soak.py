@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "mae_pretrain.py"))
     p.add_argument("--out", help="output_dir of the run (default: a temporary folder, removed after)")
-    p.add_argument("--warmup", type=int, default=1, help="checkpoint samples ignored for the RSS growth (allocator warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="first checkpoint samples left out of the RSS growth")
     p.add_argument("--max-rss-growth-mb", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print the verdict as one JSON line")
     p.add_argument("--child", nargs=2, metavar=("RECIPE", "PROBE"), help=argparse.SUPPRESS)
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ssl_vit_soak_") as tmp:
         out = args.out or str(Path(tmp) / "run")
         probe = str(Path(tmp) / "probe.jsonl")
-        overrides = [*TINY, f"train.max_steps={args.steps}", f"train.save_every={args.save_every}", f"output_dir={out}", *extra]
+        limits = [f"train.max_steps={args.steps}", f"train.save_every={args.save_every}"]
+        overrides = [*TINY, *limits, f"output_dir={out}", *extra]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", args.recipe, probe, *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'step':>6} {'rss MB':>8} {'workers MB':>10} {'fds':>4} {'threads':>7}")
         for r in records:
             print(f"{r['step']:>6} {r['rss_mb']:>8.1f} {r['workers_rss_mb']:>10.1f} {r['fds']:>4} {r['threads']:>7}")
+        r = result
         print(
-            f"RSS {result['rss_start_mb']:.1f} MB at the first checkpoint, {result['rss_after_warmup_mb']:.1f} after "
-            f"warm-up, {result['rss_end_mb']:.1f} at step {result['steps']} (growth {result['rss_growth_mb']:+.1f} MB); "
-            f"fds {result['fds_start']} -> {result['fds_end']} (max {result['fds_max']}): {'OK' if result['ok'] else 'LEAK?'}"
+            f"RSS {r['rss_start_mb']:.1f} MB at the first checkpoint, {r['rss_after_warmup_mb']:.1f} after warm-up, "
+            f"{r['rss_end_mb']:.1f} at step {r['steps']} (growth {r['rss_growth_mb']:+.1f} MB); fds {r['fds_start']} "
+            f"-> {r['fds_end']} (max {r['fds_max']}): {'OK' if r['ok'] else 'LEAK?'}"
         )
     return 0 if result["ok"] else 1
 

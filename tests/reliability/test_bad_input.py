@@ -42,6 +42,8 @@ TINY = [
     "train.vis_every=0",
 ]
 MAE_TINY = [*TINY, "mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"]
+# One whole epoch over every row (no carved eval split), read by the recipe's loader worker process.
+ONE_EPOCH = ["data.val_fraction=0", "data.num_workers=1", "train.max_steps=null", "train.epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +75,15 @@ def tiny_backbone(**overrides):
 
 def test_corrupt_image__names_the_dataset_and_row_and_skip_corrupt(recipes, tmp_path):
     data = image_folder(tmp_path / "images", n=16, corrupt=9)
-    # No carved eval split: the one epoch reads every row, in the loader's worker process.
-    args = [*MAE_TINY, f"data.name={data}", "data.val_fraction=0", "data.num_workers=1", "train.max_steps=null", "train.epochs=1"]
+    args = [*MAE_TINY, f"data.name={data}", *ONE_EPOCH]
     message = fails(recipes["mae_pretrain"], tmp_path / "run", args, DataError, str(data), "data.skip_corrupt=true")
     assert "row " in message and "DataLoader worker" not in message
 
 
 def test_empty_dataset__says_it_is_empty_and_which_key_to_check(recipes, tmp_path):
     data = parquet(tmp_path / "empty" / "data.parquet", {"img": [], "label": []})
-    fails(recipes["mae_pretrain"], tmp_path / "run", [*MAE_TINY, f"data.name={data}"], DataError, "empty (0 rows)", "data.name")
+    args = [*MAE_TINY, f"data.name={data}"]
+    fails(recipes["mae_pretrain"], tmp_path / "run", args, DataError, "empty (0 rows)", "data.name")
 
 
 def test_missing_label_column__lists_the_columns_and_data_label_column(recipes, tmp_path):
@@ -109,16 +111,19 @@ def test_images_smaller_than_the_patch__names_both_sizes_and_the_keys(recipes, t
 
 
 def test_unknown_config_key__suggests_the_closest_key(recipes, tmp_path):
-    fails(recipes["mae_pretrain"], tmp_path / "run", [*MAE_TINY, "train.epoch=3"], ConfigError, "'train.epoch'", "'train.epochs'", "--help")
+    args = [*MAE_TINY, "train.epoch=3"]
+    fails(recipes["mae_pretrain"], tmp_path / "run", args, ConfigError, "'train.epoch'", "'train.epochs'", "--help")
 
 
 def test_wrong_type__names_the_key_the_value_and_the_expected_type(recipes, tmp_path):
-    fails(recipes["mae_pretrain"], tmp_path / "run", [*MAE_TINY, "train.batch_size=abc"], ConfigError, "train.batch_size", "'abc'", "int")
+    args = [*MAE_TINY, "train.batch_size=abc"]
+    fails(recipes["mae_pretrain"], tmp_path / "run", args, ConfigError, "train.batch_size", "'abc'", "int")
 
 
 @pytest.mark.parametrize("ratio", ["0", "1.0", "1.5", "-0.25"])
 def test_mask_ratio_outside_0_1__names_the_key_and_a_valid_value(recipes, tmp_path, ratio):
-    fails(recipes["mae_pretrain"], tmp_path / "run", [*MAE_TINY, f"mae.mask_ratio={ratio}"], ValueError, "mae.mask_ratio", "0.75")
+    args = [*MAE_TINY, f"mae.mask_ratio={ratio}"]
+    fails(recipes["mae_pretrain"], tmp_path / "run", args, ValueError, "mae.mask_ratio", "0.75")
 
 
 def test_teacher_with_another_class_count__names_both_counts(recipes, tmp_path):
@@ -134,7 +139,8 @@ def test_resume_from_a_checkpoint_of_another_architecture__lists_missing_keys_an
     recipes["mae_pretrain"].main([*MAE_TINY, "train.max_steps=1", f"output_dir={out}"])
     before = {name: (out / name).read_bytes() for name in ("backbone.safetensors", "config.yaml")}
     with pytest.raises(CheckpointError) as caught:
-        recipes["mae_pretrain"].main([*MAE_TINY, "model.args={depth: 2, embed_dim: 32, num_heads: 2}", f"output_dir={out}"])
+        deeper = "model.args={depth: 2, embed_dim: 32, num_heads: 2}"
+        recipes["mae_pretrain"].main([*MAE_TINY, deeper, f"output_dir={out}"])
     message = str(caught.value)
     assert one_paragraph(message), message
     assert "Missing key(s)" in message and "backbone.blocks.1." in message
@@ -195,7 +201,7 @@ def test_nan_in_the_input_images__names_the_row_instead_of_training_on_it(recipe
     images = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(16)]
     images[5][3, 3, 0] = np.nan  # float arrays in [0, 1], one NaN pixel
     data = parquet(tmp_path / "nan" / "data.parquet", {"image": images})
-    args = [*MAE_TINY, f"data.name={data}", "data.val_fraction=0", "data.num_workers=1", "train.max_steps=null", "train.epochs=1"]
+    args = [*MAE_TINY, f"data.name={data}", *ONE_EPOCH]
     fails(recipes["mae_pretrain"], tmp_path / "run", args, DataError, "row 5", "NaN", "data.skip_corrupt=true")
 
 
@@ -206,5 +212,6 @@ def test_bad_key_on_the_command_line__exits_non_zero_with_the_message_last(tmp_p
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ssl_vit.config.ConfigError: unknown config key 'train.epoch', did you mean 'train.epochs'?"), last
+    expected = "ssl_vit.config.ConfigError: unknown config key 'train.epoch', did you mean 'train.epochs'?"
+    assert last.startswith(expected), last
     assert not (tmp_path / "run").exists()

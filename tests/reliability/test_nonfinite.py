@@ -77,7 +77,9 @@ def test_nan_at_step_5__stops_naming_the_step_and_the_step_3_checkpoint_which_a_
 
 
 @pytest.mark.slow
-def test_nan_at_steps_2_and_5_with_skip_nonfinite__run_finishes_counting_two_skips(mae, mae_reference, monkeypatch, tmp_path):
+def test_nan_at_steps_2_and_5_with_skip_nonfinite__run_finishes_counting_two_skips(
+    mae, mae_reference, monkeypatch, tmp_path
+):
     nan_pixels_at(monkeypatch, {2, 5})
     summary = mae.main([*TINY_MAE, "train.skip_nonfinite=true", f"output_dir={tmp_path}"])
     assert summary["steps"] == TINY_STEPS and summary["nonfinite_skipped"] == 2
@@ -87,7 +89,9 @@ def test_nan_at_steps_2_and_5_with_skip_nonfinite__run_finishes_counting_two_ski
     assert any(not torch.equal(weights[k], mae_reference[k]) for k in weights)  # two updates fewer
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs a GPU (CPU fp16 training is refused)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 loss scaling needs a GPU (CPU fp16 training is refused)"
+)
 def test_fp16_overflow__the_loss_scaler_skips_the_step_and_the_run_goes_on(mae, monkeypatch, tmp_path):
     # A finite but huge loss: its fp16-scaled gradients overflow to inf, which the scaler must absorb.
     nan_pixels_at(monkeypatch, {4}, scale_loss=1e30)
