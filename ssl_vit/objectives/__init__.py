@@ -38,6 +38,13 @@ def register_objective(name: str) -> Callable[[type[nn.Module]], type[nn.Module]
 
 def import_objective_module(module: str) -> None:
     """Import a user's module so that its `register_objective` calls run."""
+    import os
+    import sys
+
+    # `python recipes/pretrain.py` puts recipes/ on sys.path, not the directory the user launched from,
+    # where their own module usually lives.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as err:
