@@ -67,6 +67,9 @@ def run_pretrain(cfg: Any) -> dict[str, Any]:
     from ssl_vit.objectives import build_objective, get_objective, import_objective_module
 
     check_output_dir(cfg.output_dir)
+    # Recipes are the entry point users run: show the engine's messages (data carved, resuming from
+    # step N, ...). basicConfig does nothing where the caller configured logging already.
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     if cfg.objective.module:
         import_objective_module(cfg.objective.module)
     cls = get_objective(cfg.objective.name)
