@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 __all__ = [
     "CHECKPOINT",
@@ -115,15 +115,12 @@ def _torch_load(path: Path) -> Any:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file; a truncated or foreign file is a CheckpointError naming it (not a bare header error)."""
-    from safetensors import SafetensorError
+    from ssl_vit.interop.safe_load import load_tensor_file
 
     try:
-        return load_file(str(path), device="cpu")
-    except SafetensorError as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}): it is truncated (an interrupted copy or "
-            f"download) or not safetensors at all. Copy it again, or point to another checkpoint."
-        ) from None
+        return load_tensor_file(path)  # the one reader of user-supplied weights files
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------------
