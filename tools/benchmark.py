@@ -22,6 +22,7 @@ neighbour slows both sides of a ratio alike. Absolute images/s on a shared machi
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 import time
@@ -209,6 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first = [c for c in comps if c.get("model") == models[0]]
     report["targets"] = targets(first, scaling)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     print(markdown(report))
     if args.out:
         log(f"wrote {write_json(report, args.out)}")

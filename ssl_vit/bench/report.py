@@ -151,6 +151,14 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown: machine, training/eval table, ratios vs targets, scaling, profile."""
     lines = [f"**Machine:** {report['label']}"]
+    machine = report.get("machine", {})
+    loads = [machine[k] for k in ("load_average_1min", "load_average_1min_end") if machine.get(k) is not None]
+    load, cores = (max(loads) if loads else None), machine.get("cores")
+    if load is not None and cores and load > cores:
+        lines.append(
+            f"**Warning:** the machine was busy (load average {load:.1f} on {cores} cores): timings are noisy and "
+            f"multi-threaded kernels suffer most; re-measure when it is quiet, or compare with --threads 1."
+        )
     peak = report.get("matmul_peak")
     if peak:
         backends = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak["by_backend"].items())

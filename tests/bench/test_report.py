@@ -98,3 +98,11 @@ def test_scaling_rows__pair_step_and_encoder_and_check_encoder_time_falls():
     check = targets([], rows)[-1]
     assert check["target"].startswith("encoder time falls") and check["met"] is True
     assert "| MAE image |" in markdown({"label": "x", "scaling": rows})
+
+
+def test_markdown__warns_when_the_machine_was_busy():
+    report = _report()
+    report["machine"] = {"cpu": "Test CPU", "cores": 2, "load_average_1min": 9.5}
+    assert "machine was busy (load average 9.5 on 2 cores)" in markdown(report)
+    report["machine"]["load_average_1min"] = 0.5
+    assert "busy" not in markdown(report)
