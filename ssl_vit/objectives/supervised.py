@@ -71,6 +71,7 @@ class MixTargets(nn.Module):
             )
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self._labels_checked = False
         self.mixup: _RecordingMixup | None = None
         if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
             self.mixup = _RecordingMixup(
@@ -91,11 +92,13 @@ class MixTargets(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(images (B,3,H,W), soft targets (B,C), whether this batch was mixed)."""
-        if labels.min() < 0 or labels.max() >= self.num_classes:
+        # Checked on the first batch only: the check syncs a GPU, and a wrong class count shows at once.
+        if not self._labels_checked and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes}) (the model's num_classes), got "
                 f"{int(labels.min())}..{int(labels.max())}: build the model with the data's class count."
             )
+        self._labels_checked = True
         # timm's Mixup pairs image i with image B-1-i, so it needs an even batch; an odd (last) batch
         # stays unmixed rather than failing.
         if self.mixup is None or not self.training or images.shape[0] % 2:
