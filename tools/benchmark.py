@@ -145,7 +145,7 @@ def _measure(
     for case in cases:
         flops[case.name] = count_flops(case.flops_fn or case.step)
         if not args.no_memory and not case.name.startswith("scaling/encoder/"):
-            memory[case.name] = measure_memory(case.step, env.device)
+            memory[case.name] = measure_memory(case.step, env.device, track=case.track)
     log(f"timing {len(cases)} cases: {rounds} rounds x {steps} steps")
     times = run_rounds(cases, env.device, rounds=rounds, steps=steps, warmup=args.warmup)
     return case_rows(cases, times, flops, memory, peak), times

@@ -140,6 +140,12 @@ def scaling_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+_MEMORY_KINDS = {
+    "cpu_tensors": "live tensors at the step's peak (weights, gradients, optimizer state, activations)",
+    "cuda_allocated": "torch.cuda.max_memory_allocated during one step",
+}
+
+
 def _fmt(x: Any, spec: str = ".1f") -> str:
     if x is None:
         return "-"
@@ -173,18 +179,22 @@ def markdown(report: dict[str, Any]) -> str:
     if rows:
         lines += [
             "",
-            "| case | img/s | ms/step | GFLOP/img | achieved GFLOP/s | % of matmul peak | peak mem MiB (step +) |",
+            "| case | img/s | ms/step | GFLOP/img | achieved GFLOP/s | % of matmul peak | peak memory MiB |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             mem = r.get("memory")
-            mem_s = f"{mem['peak_mib']:.0f} (+{mem['step_mib']:.0f})" if mem else "-"
+            mem_s = f"{mem['peak_mib']:.0f}" if mem else "-"
             frac = r.get("fraction_of_peak")
             lines.append(
                 f"| {r['name']} | {r['images_per_s']:.1f} | {r['step_ms']:.0f} | {_fmt(r.get('gflop_per_image'), '.2f')} | "
                 f"{_fmt(r['achieved_flops_per_s'] / 1e9 if 'achieved_flops_per_s' in r else None, '.0f')} | "
                 f"{_fmt(frac * 100 if frac is not None else None, '.0f')} | {mem_s} |"
             )
+    kinds = {r["memory"]["kind"] for r in rows if r.get("memory")}
+    if kinds:
+        lines.append("")
+        lines.append("Peak memory: " + "; ".join(_MEMORY_KINDS.get(k, k) for k in sorted(kinds)) + ".")
     comps = report.get("comparisons", [])
     if comps:
         lines += ["", "| ratio of images/s (median of per-round ratios) | value | range | rounds |", "|---|---:|---:|---:|"]

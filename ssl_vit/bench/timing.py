@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ssl_vit.bench.machine import sync
 
@@ -31,6 +33,8 @@ class Case:
         images: images per step (the batch size).
         flops_fn: runs one step for FLOP counting (default: `step`).
         info: anything worth writing to the JSON (model name, config, reference class, ...).
+        track: the modules and optimizer whose existing tensors (weights, gradients, optimizer state)
+            count towards the case's memory on CPU.
     """
 
     name: str
@@ -40,6 +44,7 @@ class Case:
     images: int
     flops_fn: Callable[[], Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    track: tuple[Any, ...] = ()
 
 
 def run_rounds(cases: list[Case], device: torch.device, *, rounds: int, steps: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -80,26 +85,81 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def measure_memory(step: Callable[[], Any], device: torch.device, steps: int = 1) -> dict[str, float]:
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages: every op's outputs join, storages leave when freed.
+
+    Shared storages (views, in-place results) count once; frees are seen through weak references to
+    the storages, so nothing is kept alive by the measurement itself.
+    """
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[Any, int]] = {}  # storage id -> (weak ref, bytes)
+        for t in existing:
+            self._add(t)
+        self.peak = self._current()
+
+    def _add(self, t: torch.Tensor) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage._cdata not in self.live:
+            self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+
+    def _current(self) -> int:
+        gone = [key for key, (ref, _) in self.live.items() if ref.expired()]
+        for key in gone:
+            del self.live[key]
+        return sum(nbytes for _, nbytes in self.live.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._add(t)
+        self.peak = max(self.peak, self._current())
+        return out
+
+
+def _tracked_tensors(track: tuple[Any, ...]) -> list[torch.Tensor]:
+    """Weights, buffers and gradients of the modules, and the optimizers' state tensors."""
+    found: list[torch.Tensor] = []
+    for obj in track:
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                found += [p] + ([p.grad] if p.grad is not None else [])
+            found += list(obj.buffers())
+        elif isinstance(obj, torch.optim.Optimizer):
+            found += [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return found
+
+
+def _peak_tensor_bytes(step: Callable[[], Any], steps: int, track: tuple[Any, ...]) -> int:
+    """Peak bytes of live tensors while the steps run, `track`'s existing tensors included."""
+    with _LiveTensorBytes(_tracked_tensors(track)) as tracker:
+        for _ in range(steps):
+            step()
+    return tracker.peak
+
+
+def measure_memory(step: Callable[[], Any], device: torch.device, steps: int = 1, track: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Peak memory while running `step()` `steps` times, in MiB.
 
-    GPU: `torch.cuda.max_memory_allocated` (tensors only). CPU: the process's resident set size,
-    sampled every millisecond by a thread (heavy kernels release the GIL, so it keeps sampling).
-    Returns {"peak_mib": absolute peak, "step_mib": peak minus what was in use before the steps
-    (activations, gradients, temporaries), "kind": "cuda_allocated" | "cpu_rss"}.
+    GPU: `torch.cuda.max_memory_allocated` ("cuda_allocated"). CPU: the peak of live tensor bytes
+    (weights, gradients and optimizer state of `track`, activations, temporaries; "cpu_tensors"),
+    plus the process's resident set size sampled every millisecond by a thread (`rss_peak_mib`: the
+    whole process, every model built so far included).
+    Returns {"peak_mib", "kind", ...}.
     """
     mib = 2.0**20
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
         for _ in range(steps):
             step()
         sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_mib": peak / mib, "step_mib": (peak - before) / mib, "kind": "cuda_allocated"}
-    before = _rss()
-    peak = before
+        return {"peak_mib": torch.cuda.max_memory_allocated(device) / mib, "kind": "cuda_allocated"}
+    peak = _rss()
     done = threading.Event()
 
     def sample() -> None:
@@ -116,5 +176,5 @@ def measure_memory(step: Callable[[], Any], device: torch.device, steps: int = 1
     finally:
         done.set()
         sampler.join()
-    peak = max(peak, _rss())
-    return {"peak_mib": peak / mib, "step_mib": (peak - before) / mib, "kind": "cpu_rss"}
+    rss_peak = max(peak, _rss()) / mib
+    return {"peak_mib": _peak_tensor_bytes(step, steps, track) / mib, "kind": "cpu_tensors", "rss_peak_mib": rss_peak}

@@ -145,7 +145,7 @@ def _train_case(
         optimizer.zero_grad(set_to_none=True)
 
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return Case(name, group, role, step, images, forward_backward, {"trainable_params": params, **info})
+    return Case(name, group, role, step, images, forward_backward, {"trainable_params": params, **info}, (module, optimizer))
 
 
 def _maybe_onednn(module: nn.Module, cfg: WorkloadConfig) -> nn.Module:
@@ -356,7 +356,9 @@ def eval_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
         with torch.inference_mode(), env.autocast():
             pool_features(backbone, images, "token")
 
-    cases = [Case("eval/ours", "eval", "ours", ours, cfg.eval_batch_size, info={**info, "impl": "ssl_vit pool_features"})]
+    cases = [
+        Case("eval/ours", "eval", "ours", ours, cfg.eval_batch_size, info={**info, "impl": "ssl_vit pool_features"}, track=(backbone,))
+    ]
     if reference:
         timm_name, kwargs = backbone.timm_spec()
         ref = timm.create_model(timm_name, pretrained=False, **kwargs)
@@ -367,7 +369,9 @@ def eval_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
             with torch.inference_mode(), env.autocast():
                 ref.forward_head(ref.forward_features(images), pre_logits=True)
 
-        cases.append(Case("eval/timm", "eval", "reference", theirs, cfg.eval_batch_size, info={**info, "impl": f"timm {timm_name} inference"}))
+        cases.append(
+            Case("eval/timm", "eval", "reference", theirs, cfg.eval_batch_size, info={**info, "impl": f"timm {timm_name} inference"}, track=(ref,))
+        )
     return cases
 
 

@@ -22,7 +22,7 @@ def _cases() -> list[Case]:
 
 def _report() -> dict:
     cases = _cases()
-    rows = case_rows(cases, TIMES, {n: 10**11 for n in TIMES}, {"mae/ours": {"peak_mib": 900.0, "step_mib": 50.0, "kind": "cpu_rss"}}, 2e11)
+    rows = case_rows(cases, TIMES, {n: 10**11 for n in TIMES}, {"mae/ours": {"peak_mib": 900.0, "kind": "cpu_tensors", "rss_peak_mib": 2000.0}}, 2e11)
     comps = comparisons(cases, TIMES)
     return {
         "label": "Test CPU, 2 cores, 2 threads, torch x (CPU)",
@@ -42,7 +42,7 @@ def test_case_rows__have_throughput_flops_fraction_of_peak_and_memory():
     assert mae["images_per_s"] == pytest.approx(64 / 0.45)
     assert mae["gflop_per_image"] == pytest.approx(100 / 64)
     assert mae["fraction_of_peak"] == pytest.approx((1e11 / 0.45) / 2e11)
-    assert mae["memory"]["step_mib"] == 50.0
+    assert mae["memory"]["peak_mib"] == 900.0
     assert "memory" not in rows["mae/hf"]
     for key in ("name", "group", "role", "step_ms_rounds", "achieved_flops_per_s", "info"):
         assert key in mae
@@ -72,6 +72,7 @@ def test_markdown__names_the_machine_and_has_every_table():
     assert "| ratio of images/s" in text
     assert "| target | measured | needs | met |" in text
     assert "onednn 200" in text  # peak by backend, GFLOP/s
+    assert "| 900 |" in text and "live tensors at the step's peak" in text
 
 
 def test_write_json__round_trips_the_fields(tmp_path):

@@ -38,9 +38,24 @@ def test_median_ratio__needs_matching_rounds():
         median_ratio([1.0], [1.0, 2.0])
 
 
-def test_measure_memory__cpu_reports_rss_peak_and_step_increase():
-    keep = []
-    mem = measure_memory(lambda: keep.append(torch.ones(4 * 2**20)), CPU)  # 16 MiB kept alive
-    assert mem["kind"] == "cpu_rss"
-    assert mem["peak_mib"] > 0 and mem["step_mib"] >= 0
-    assert mem["peak_mib"] >= mem["step_mib"]
+def test_measure_memory__cpu_peak_counts_activations_and_tracked_weights():
+    layer = torch.nn.Linear(256, 256)  # 256 KiB of weights + 1 KiB bias
+    x = torch.randn(1024, 256)  # 1 MiB input, not created by the step
+
+    def step():
+        layer(x).sum().backward()  # a 1 MiB output, a 256 KiB weight gradient, ...
+
+    untracked = measure_memory(step, CPU)
+    tracked = measure_memory(step, CPU, track=(layer,))
+    assert tracked["kind"] == "cpu_tensors" and tracked["rss_peak_mib"] > 0
+    assert 1.0 <= untracked["peak_mib"] < 3.0
+    # the tracked weights (256 KiB) count too; the gradient is counted either way (backward writes it)
+    assert tracked["peak_mib"] - untracked["peak_mib"] >= 0.25
+
+
+def test_measure_memory__freed_temporaries_do_not_accumulate():
+    def step():
+        for _ in range(10):
+            torch.ones(2**18).sum()  # 1 MiB each, freed at once
+
+    assert measure_memory(step, CPU)["peak_mib"] < 2.5
