@@ -312,12 +312,12 @@ def deit_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
                 dist_logits, teacher_labels
             )
 
-        cases.append(
-            _train_case(
-                "deit/timm", "deit", "reference", ref, ref_loss, _plain_adamw(ref, cfg), env, cfg.batch_size,
-                {**info, "impl": f"timm.create_model({timm_name!r}, {kwargs}) distilled training + AdamW"},
-            )
+        ref_case = _train_case(
+            "deit/timm", "deit", "reference", ref, ref_loss, _plain_adamw(ref, cfg), env, cfg.batch_size,
+            {**info, "impl": f"timm.create_model({timm_name!r}, {kwargs}) distilled training + AdamW"},
         )
+        ref_case.track += (ref_teacher,)  # ours holds its teacher as a submodule: count both alike
+        cases.append(ref_case)
     return cases
 
 
