@@ -128,7 +128,13 @@ class _OneDNNLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(g, weight.t()).view(x.shape)  # (M, N) @ (N, K): no copy of W^T needed
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn_mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # (N, M) @ (M, K)
+            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+            # oneDNN first copies its (transposed) left operand into a dense buffer: make that the
+            # narrower of x and g (up to 1.3x faster for qkv / fc1, where K < N).
+            if x2.shape[1] < g.shape[1]:
+                grad_w = _onednn_mm(x2.t(), g.t()).t().contiguous()  # ((K, M) @ (M, N))^T
+            else:
+                grad_w = _onednn_mm(g.t(), x2.t())  # (N, M) @ (M, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b

@@ -40,8 +40,8 @@ def calls(monkeypatch):
     return seen
 
 
-def _pair(bias: bool = True) -> tuple[nn.Linear, OneDNNLinear]:
-    ref = nn.Linear(24, 40, bias=bias)
+def _pair(bias: bool = True, in_features: int = 24, out_features: int = 40) -> tuple[nn.Linear, OneDNNLinear]:
+    ref = nn.Linear(in_features, out_features, bias=bias)
     fast = use_onednn_linears(copy.deepcopy(ref))
     return ref, fast
 
@@ -49,10 +49,11 @@ def _pair(bias: bool = True) -> tuple[nn.Linear, OneDNNLinear]:
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", ["2d", "3d", "non_contiguous"])
-def test_onednn_linear__forward_and_gradients_equal_nn_linear(forced_on, calls, bias, layout):
+@pytest.mark.parametrize("k, n", [(24, 40), (40, 24)])  # both ways of computing the weight gradient
+def test_onednn_linear__forward_and_gradients_equal_nn_linear(forced_on, calls, bias, layout, k, n):
     torch.manual_seed(0)
-    ref, fast = _pair(bias)
-    base = {"2d": torch.randn(35, 24), "3d": torch.randn(5, 7, 24), "non_contiguous": torch.randn(5, 24, 9)}[layout]
+    ref, fast = _pair(bias, k, n)
+    base = {"2d": torch.randn(35, k), "3d": torch.randn(5, 7, k), "non_contiguous": torch.randn(5, k, 9)}[layout]
     if layout == "non_contiguous":
         base = base.transpose(1, 2)  # (5, 9, 24), strided
     x1 = base.clone().requires_grad_(True)
