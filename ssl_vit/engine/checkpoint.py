@@ -18,6 +18,7 @@ which `recover()` puts back in place before a resume; a half-written folder is n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -377,6 +378,12 @@ def load_backbone(
         source = str(path)
     spec.update(_model_overrides(model_cfg))
     spec.update({k: v for k, v in overrides.items() if v is not None})
+    if spec.get("global_pool") == "avg" and ("distilled" in spec["name"] or spec.get("distilled")):
+        # DeiT's two heads read the class and distillation tokens: there is no average to pool into them.
+        logging.getLogger("ssl_vit.engine").warning(
+            "%s has a distillation token: keeping its token pooling (model.global_pool=avg ignored).", path
+        )
+        spec["global_pool"] = "token"
     # ViTs name their classifier `head`; other timm models (a ResNet teacher: `fc`) keep it in the spec.
     saved_classes = state["head.weight"].shape[0] if "head.weight" in state else int(spec.get("num_classes") or 0)
     reset_head = num_classes is not None and num_classes != saved_classes

@@ -86,6 +86,16 @@ def test_load_backbone__timm_convnet_run_keeps_its_classifier(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
+def test_load_backbone__distilled_checkpoint_keeps_token_pooling_when_avg_is_asked(tmp_path):
+    # The fine-tune default pools the average; a DeiT checkpoint's heads read its two tokens instead.
+    model = create_backbone("deit_nano_distilled_patch4_32", num_classes=4)
+    save_backbone(model, tmp_path / "backbone.safetensors", objective="deit", step=1)
+    loaded = load_backbone(tmp_path, ModelConfig(name="deit_nano_distilled_patch4_32", global_pool="avg"), num_classes=4)
+    assert loaded.global_pool == "token" and loaded.distilled
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
 def test_load_backbone__random_builds_the_model_config():
     model = load_backbone("random", ModelConfig(name="vit_nano_patch4_32", img_size=16, args={"depth": 1}), num_classes=3)
     assert len(model.blocks) == 1 and model.head.out_features == 3
