@@ -2,6 +2,7 @@
 
 Sub-commands:
   train    training images/s of each objective vs a reference of the same size, FLOP/s, % of peak, memory
+           (and the bare backbone's forward + backward vs timm's model of the same config)
   eval     feature extraction vs timm inference
   scaling  MAE step time vs mask ratio and image size (and the encoder's share)
   profile  where one step's time goes (matmul, attention, GELU, LayerNorm, copies, optimizer, ...)
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-ALL = ("supervised", "mae", "deit")
+ALL = ("backbone", "supervised", "mae", "deit")
 
 
 def _floats(text: str) -> list[float]:
@@ -83,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,scaling,profile,all,data}")
     train = sub.add_parser("train", parents=[common], help="training steps vs timm / Hugging Face")
-    train.add_argument("--objectives", default=",".join(ALL), help="comma-separated from supervised,mae,deit (default: all)")
+    train.add_argument(
+        "--objectives", default=",".join(ALL),
+        help="comma-separated from backbone (forward + backward only), supervised, mae, deit (default: all)",
+    )
     sub.add_parser("eval", parents=[common], help="feature extraction vs timm inference")
     scaling = sub.add_parser("scaling", parents=[common], help="MAE step vs mask ratio and image size")
     prof = sub.add_parser("profile", parents=[common], help="where one step's time goes")

@@ -28,6 +28,7 @@ TARGETS: list[tuple[str, str, float, str]] = [
 ]
 # Ours vs reference within a group, reported without a threshold when not in TARGETS.
 PAIRS: list[tuple[str, str]] = [
+    ("backbone/ours", "backbone/timm"),
     ("supervised/ours", "supervised/timm"),
     ("mae/ours", "mae/hf"),
     ("deit/ours", "deit/timm"),

@@ -1,5 +1,6 @@
 """The benchmarked steps: ours (the library as training runs it) and references of the same size.
 
+- backbone: forward + backward of our ViT vs `timm.create_model` of the same config (issue 2's number);
 - supervised: our `supervised` objective + the engine's optimizer vs `timm.create_model` (same
   architecture, `backbone.timm_spec()`) + cross-entropy with the same smoothing + plain AdamW;
 - mae: our `mae` objective vs `transformers.ViTMAEForPreTraining` built from a config of the same size
@@ -24,6 +25,7 @@ from ssl_vit.bench.timing import Case
 
 __all__ = [
     "BenchEnv",
+    "backbone_cases",
     "WorkloadConfig",
     "deit_cases",
     "eval_cases",
@@ -196,6 +198,43 @@ def supervised_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True)
     return cases
 
 
+def backbone_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
+    """Forward + backward of the bare backbone vs `timm.create_model` of the same config (no loss, no optimizer).
+
+    The measurement issue 2 asks for: the same weights, the same batch, logits.mean().backward().
+    """
+    import timm
+
+    from ssl_vit.models import create_backbone
+
+    torch.manual_seed(cfg.seed)
+    classes = _classes(cfg)
+    backbone = create_backbone(cfg.model, num_classes=classes, **cfg.overrides).to(env.device).train()
+    images, _ = _batch(env, cfg.batch_size, _img_size(cfg), classes, cfg.seed)
+    info = {"model": cfg.model, "num_classes": classes, "batch_size": cfg.batch_size}
+
+    def fwd_bwd(model: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            with env.autocast():
+                out = model(images)  # (B, C)
+            out.float().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    cases = [Case("backbone/ours", "backbone", "ours", fwd_bwd(backbone), cfg.batch_size, info={**info, "impl": "ssl_vit ViT"}, track=(backbone,))]
+    if reference:
+        timm_name, kwargs = backbone.timm_spec()
+        ref = timm.create_model(timm_name, pretrained=False, **kwargs)
+        ref.load_state_dict(backbone.state_dict())
+        ref.to(env.device).train()
+        cases.append(
+            Case("backbone/timm", "backbone", "reference", fwd_bwd(ref), cfg.batch_size,
+                 info={**info, "impl": f"timm.create_model({timm_name!r}, {kwargs})"}, track=(ref,))
+        )
+    return cases
+
+
 def hf_mae_config(backbone: nn.Module, mask_ratio: float, decoder: dict[str, int]) -> Any:
     """A `transformers.ViTMAEConfig` with our backbone's and decoder's sizes (norm-pix loss, eps 1e-6)."""
     from transformers import ViTMAEConfig
@@ -322,6 +361,7 @@ def deit_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
 
 
 TRAIN_BUILDERS: dict[str, Callable[[WorkloadConfig, BenchEnv, bool], list[Case]]] = {
+    "backbone": backbone_cases,
     "supervised": supervised_cases,
     "mae": mae_cases,
     "deit": deit_cases,

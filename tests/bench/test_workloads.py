@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ssl_vit.bench import BenchEnv, WorkloadConfig
-from ssl_vit.bench.workloads import deit_cases, eval_cases, hf_mae_config, mae_cases, scaling_cases, supervised_cases
+from ssl_vit.bench.workloads import backbone_cases, deit_cases, eval_cases, hf_mae_config, mae_cases, scaling_cases, supervised_cases
 
 ENV = BenchEnv(torch.device("cpu"))
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
@@ -25,6 +25,14 @@ def test_supervised_cases__ours_and_timm_take_a_step():
         case.step()
         case.flops_fn()
         assert case.images == 4
+
+
+def test_backbone_cases__forward_backward_of_ours_and_timm():
+    cases = backbone_cases(_cfg(), ENV)
+    assert [c.name for c in cases] == ["backbone/ours", "backbone/timm"]
+    for case in cases:
+        case.step()
+        assert all(p.grad is None for p in case.track[0].parameters())  # gradients cleared each step
 
 
 def test_mae_cases__hf_reference_has_our_sizes():
