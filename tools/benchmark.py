@@ -53,13 +53,13 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common")
-    g.add_argument("--models", default="vit_tiny_patch4_32", help="comma-separated backbone names (default: %(default)s)")
+    g.add_argument("--models", default="vit_tiny_patch4_32", help="comma-separated backbone names (%(default)s)")
     g.add_argument("--batch-size", type=int, default=64, help="training batch (default: %(default)s)")
     g.add_argument("--steps", type=int, default=3, help="timed steps per case per round (default: %(default)s)")
-    g.add_argument("--rounds", type=int, default=5, help="alternating rounds; ratios are per-round medians (default: %(default)s)")
+    g.add_argument("--rounds", type=int, default=5, help="alternating rounds; ratios: per-round medians (%(default)s)")
     g.add_argument("--warmup", type=int, default=1, help="untimed steps per case first (default: %(default)s)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
-    g.add_argument("--precision", default="no", choices=["no", "bf16"], help="autocast through Accelerate (default: fp32)")
+    g.add_argument("--precision", default="no", choices=["no", "bf16"], help="autocast through Accelerate (no: fp32)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-reference", action="store_true", help="time ours only")
     g.add_argument("--no-onednn", action="store_true", help="compute linear layers with PyTorch's default (MKL) path")
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also route the objective's own linear layers (MAE decoder, heads) through oneDNN",
     )
     g.add_argument("--mask-ratio", type=float, default=0.75)
-    g.add_argument("--decoder-dim", type=int, default=None, help="MAE decoder width (default: 128 for <= 64 px, else 512)")
-    g.add_argument("--decoder-depth", type=int, default=None, help="MAE decoder blocks (default: 4 for <= 64 px, else 8)")
-    g.add_argument("--decoder-heads", type=int, default=None, help="MAE decoder heads (default: 4 for <= 64 px, else 16)")
+    g.add_argument("--decoder-dim", type=int, default=None, help="MAE decoder width (default: 128 <= 64 px, else 512)")
+    g.add_argument("--decoder-depth", type=int, default=None, help="MAE decoder blocks (default: 4 <= 64 px, else 8)")
+    g.add_argument("--decoder-heads", type=int, default=None, help="MAE decoder heads (default: 4 <= 64 px, else 16)")
     g.add_argument("--num-classes", type=int, default=None, help="default: 10 for <= 64 px, else 1000")
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
@@ -91,16 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", parents=[common], help="feature extraction vs timm inference")
     scaling = sub.add_parser("scaling", parents=[common], help="MAE step vs mask ratio and image size")
     prof = sub.add_parser("profile", parents=[common], help="where one step's time goes")
-    prof.add_argument("--case", default="mae/ours", help="case to profile, e.g. mae/ours, mae/hf, supervised/ours (default: %(default)s)")
+    prof.add_argument("--case", default="mae/ours", help="case to profile: mae/ours, mae/hf, ... (%(default)s)")
     full = sub.add_parser("all", parents=[common], help="train + eval + scaling + MAE profile")
     full.add_argument("--objectives", default=",".join(ALL))
     for p in (scaling, full):
         p.add_argument("--mask-ratios", type=_floats, default=[0.5, 0.75, 0.9])
-        p.add_argument("--sizes", type=_sizes, default=[(32, 4), (64, 4), (224, 16)], help="IMAGE:PATCH list (default: 32:4,64:4,224:16)")
+        p.add_argument(
+            "--sizes", type=_sizes, default=[(32, 4), (64, 4), (224, 16)], help="IMAGE:PATCH list (32:4,64:4,224:16)"
+        )
         p.add_argument("--scaling-batch", type=int, default=32)
         p.add_argument("--scaling-steps", type=int, default=2)
         p.add_argument("--scaling-rounds", type=int, default=3)
-    sub.add_parser("data", help="data-loader benchmark: tools/benchmark_data.py (arguments passed through)", add_help=False)
+    sub.add_parser("data", help="data-loader benchmark: tools/benchmark_data.py (arguments passed on)", add_help=False)
     return parser
 
 
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cases += train_cases([o for o in args.objectives.split(",") if o], cfg, env, reference)
             if cmd in ("eval", "all"):
                 cases += eval_cases(cfg, env, reference)
-            model_rows, times = _measure(cases, env, args, report["matmul_peak"]["flops_per_s"], args.rounds, args.steps, log)
+            peak = report["matmul_peak"]["flops_per_s"]
+            model_rows, times = _measure(cases, env, args, peak, args.rounds, args.steps, log)
             for r in model_rows:
                 r["model"] = model
             model_comps = comparisons(cases, times)
@@ -194,7 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cmd in ("scaling", "all"):
         cfg = _workload_config(args, models[0])
         cases = scaling_cases(cfg, env, args.mask_ratios, args.sizes, args.scaling_batch)
-        scale_rows, _ = _measure(cases, env, args, report["matmul_peak"]["flops_per_s"], args.scaling_rounds, args.scaling_steps, log)
+        peak = report["matmul_peak"]["flops_per_s"]
+        scale_rows, _ = _measure(cases, env, args, peak, args.scaling_rounds, args.scaling_steps, log)
         rows += scale_rows
         scaling = scaling_rows(scale_rows)
     if cmd in ("profile", "all"):
@@ -207,7 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if case is None:
             raise SystemExit(f"--case {wanted}: no such case; choose from {', '.join(c.name for c in cases)}.")
         log(f"profiling {wanted}")
-        report["profile"] = {"case": wanted, **profile_step(case.step, env.device, steps=args.steps, warmup=args.warmup)}
+        breakdown = profile_step(case.step, env.device, steps=args.steps, warmup=args.warmup)
+        report["profile"] = {"case": wanted, **breakdown}
     report["cases"] = rows
     report["comparisons"] = comps
     report["scaling"] = scaling

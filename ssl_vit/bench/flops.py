@@ -23,7 +23,9 @@ def _cpu_sdpa(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = Non
     return sdpa_flop_count(query, key, value)  # q, k, v: (B, H, N, d) shapes
 
 
-def _cpu_sdpa_backward(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _cpu_sdpa_backward(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 

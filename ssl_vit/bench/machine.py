@@ -91,7 +91,9 @@ def _gemm_rate(fn: Any, a: torch.Tensor, device: torch.device, seconds: float) -
             return best
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None, seconds: float = 2.0) -> dict[str, Any]:
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None, seconds: float = 2.0
+) -> dict[str, Any]:
     """The machine's measured matmul peak: best FLOP/s of a large square GEMM loop in `dtype`.
 
     On CPU both of PyTorch's GEMM libraries are measured (MKL through torch.mm, oneDNN through the

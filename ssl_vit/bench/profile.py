@@ -32,7 +32,8 @@ _KINDS: dict[str, tuple[str, ...]] = {
         "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_cudnn_attention_backward", "_flash_attention_forward", "_flash_attention_backward",
-        "_efficient_attention_forward", "_efficient_attention_backward", "softmax", "_softmax", "_softmax_backward_data",
+        "_efficient_attention_forward", "_efficient_attention_backward",
+        "softmax", "_softmax", "_softmax_backward_data",
     ),
     "gelu": ("gelu", "gelu_backward"),
     "layernorm": ("layer_norm", "native_layer_norm", "native_layer_norm_backward"),
@@ -59,7 +60,9 @@ def _inside_optimizer(event: Any) -> bool:
     return False
 
 
-def profile_step(step: Callable[[], Any], device: torch.device, steps: int = 3, warmup: int = 1, top: int = 12) -> dict[str, Any]:
+def profile_step(
+    step: Callable[[], Any], device: torch.device, steps: int = 3, warmup: int = 1, top: int = 12
+) -> dict[str, Any]:
     """Profile `steps` calls of `step()` after `warmup` calls.
 
     Returns {"step_ms", "ms_per_step": {kind: ms}, "shares": {kind: fraction of the step},

@@ -100,7 +100,8 @@ def targets(comps: list[dict[str, Any]], scaling: list[dict[str, Any]] | None = 
     out = []
     for a, b, threshold, what in TARGETS:
         if (a, b) in found:
-            out.append({"target": what, "value": found[(a, b)], "threshold": threshold, "met": found[(a, b)] >= threshold})
+            value = found[(a, b)]
+            out.append({"target": what, "value": value, "threshold": threshold, "met": value >= threshold})
     if scaling:
         first = [r for r in scaling if r["img_size"] == scaling[0]["img_size"] and r["encoder_ms"] is not None]
         first.sort(key=lambda r: r["mask_ratio"])
@@ -178,6 +179,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("**Settings:** " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     rows = [r for r in report.get("cases", []) if not r["name"].startswith("scaling/")]
     if rows:
+        several = len({r.get("model") for r in rows}) > 1  # name the model when more than one ran
         lines += [
             "",
             "| case | img/s | ms/step | GFLOP/img | achieved GFLOP/s | % of matmul peak | peak memory MiB |",
@@ -185,22 +187,33 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in rows:
             mem = r.get("memory")
-            mem_s = f"{mem['peak_mib']:.0f}" if mem else "-"
             frac = r.get("fraction_of_peak")
-            lines.append(
-                f"| {r['name']} | {r['images_per_s']:.1f} | {r['step_ms']:.0f} | {_fmt(r.get('gflop_per_image'), '.2f')} | "
-                f"{_fmt(r['achieved_flops_per_s'] / 1e9 if 'achieved_flops_per_s' in r else None, '.0f')} | "
-                f"{_fmt(frac * 100 if frac is not None else None, '.0f')} | {mem_s} |"
-            )
+            achieved = r["achieved_flops_per_s"] / 1e9 if "achieved_flops_per_s" in r else None
+            cells = [
+                f"{r['name']} ({r['model']})" if several else r["name"],
+                f"{r['images_per_s']:.1f}",
+                f"{r['step_ms']:.0f}",
+                _fmt(r.get("gflop_per_image"), ".2f"),
+                _fmt(achieved, ".0f"),
+                _fmt(frac * 100 if frac is not None else None, ".0f"),
+                f"{mem['peak_mib']:.0f}" if mem else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     kinds = {r["memory"]["kind"] for r in rows if r.get("memory")}
     if kinds:
         lines.append("")
         lines.append("Peak memory: " + "; ".join(_MEMORY_KINDS.get(k, k) for k in sorted(kinds)) + ".")
     comps = report.get("comparisons", [])
     if comps:
-        lines += ["", "| ratio of images/s (median of per-round ratios) | value | range | rounds |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| ratio of images/s (median of per-round ratios) | value | range | rounds |",
+            "|---|---:|---:|---:|",
+        ]
+        several = len({c.get("model") for c in comps}) > 1
         for c in comps:
-            lines.append(f"| {c['a']} / {c['b']} | {c['ratio']:.2f}x | {c['min']:.2f}-{c['max']:.2f} | {c['rounds']} |")
+            what = f"{c['a']} / {c['b']}" + (f" ({c['model']})" if several else "")
+            lines.append(f"| {what} | {c['ratio']:.2f}x | {c['min']:.2f}-{c['max']:.2f} | {c['rounds']} |")
     tg = report.get("targets", [])
     if tg:
         lines += ["", "| target | measured | needs | met |", "|---|---:|---:|:---:|"]
@@ -212,7 +225,8 @@ def markdown(report: dict[str, Any]) -> str:
     if sc:
         lines += [
             "",
-            "| MAE image | patch | patches (visible) | mask | img/s | ms/step | encoder ms | encoder GFLOP/img | encoder share of FLOPs |",
+            "| MAE image | patch | patches (visible) | mask | img/s | ms/step | encoder ms | encoder GFLOP/img "
+            "| encoder share of FLOPs |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in sc:
@@ -220,7 +234,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {s['img_size']} | {s['patch_size']} | {s['patches']} ({s['visible']}) | {s['mask_ratio']:g} | "
                 f"{s['images_per_s']:.1f} | {s['step_ms']:.0f} | {_fmt(s['encoder_ms'], '.0f')} | "
-                f"{_fmt(s['encoder_gflop_per_image'], '.3f')} | {_fmt(share * 100 if share is not None else None, '.0f')}% |"
+                f"{_fmt(s['encoder_gflop_per_image'], '.3f')} | "
+                f"{_fmt(share * 100 if share is not None else None, '.0f')}% |"
             )
     prof = report.get("profile")
     if prof:

@@ -47,7 +47,9 @@ class Case:
     track: tuple[Any, ...] = ()
 
 
-def run_rounds(cases: list[Case], device: torch.device, *, rounds: int, steps: int, warmup: int = 1) -> dict[str, list[float]]:
+def run_rounds(
+    cases: list[Case], device: torch.device, *, rounds: int, steps: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per step of every case in each round: {name: [round 1, round 2, ...]}.
 
     Each case first runs `warmup` untimed steps (allocator, kernel selection, lazy optimizer state);
@@ -142,7 +144,9 @@ def _peak_tensor_bytes(step: Callable[[], Any], steps: int, track: tuple[Any, ..
     return tracker.peak
 
 
-def measure_memory(step: Callable[[], Any], device: torch.device, steps: int = 1, track: tuple[Any, ...] = ()) -> dict[str, Any]:
+def measure_memory(
+    step: Callable[[], Any], device: torch.device, steps: int = 1, track: tuple[Any, ...] = ()
+) -> dict[str, Any]:
     """Peak memory while running `step()` `steps` times, in MiB.
 
     GPU: `torch.cuda.max_memory_allocated` ("cuda_allocated"). CPU: the peak of live tensor bytes

@@ -147,7 +147,8 @@ def _train_case(
         optimizer.zero_grad(set_to_none=True)
 
     params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return Case(name, group, role, step, images, forward_backward, {"trainable_params": params, **info}, (module, optimizer))
+    info = {"trainable_params": params, **info}
+    return Case(name, group, role, step, images, forward_backward, info, track=(module, optimizer))
 
 
 def _maybe_onednn(module: nn.Module, cfg: WorkloadConfig) -> nn.Module:
@@ -222,7 +223,10 @@ def backbone_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -
 
         return step
 
-    cases = [Case("backbone/ours", "backbone", "ours", fwd_bwd(backbone), cfg.batch_size, info={**info, "impl": "ssl_vit ViT"}, track=(backbone,))]
+    cases = [
+        Case("backbone/ours", "backbone", "ours", fwd_bwd(backbone), cfg.batch_size,
+             info={**info, "impl": "ssl_vit ViT"}, track=(backbone,))
+    ]
     if reference:
         timm_name, kwargs = backbone.timm_spec()
         ref = timm.create_model(timm_name, pretrained=False, **kwargs)
@@ -260,7 +264,11 @@ def hf_mae_config(backbone: nn.Module, mask_ratio: float, decoder: dict[str, int
 
 
 def _mae(
-    cfg: WorkloadConfig, env: BenchEnv, mask_ratio: float, overrides: dict[str, Any], decoder: dict[str, int] | None = None
+    cfg: WorkloadConfig,
+    env: BenchEnv,
+    mask_ratio: float,
+    overrides: dict[str, Any],
+    decoder: dict[str, int] | None = None,
 ) -> tuple[nn.Module, dict[str, int], int]:
     from ssl_vit.models import create_backbone
     from ssl_vit.objectives import build_objective
@@ -289,10 +297,11 @@ def mae_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> lis
         from transformers import ViTMAEForPreTraining
 
         hf = ViTMAEForPreTraining(hf_mae_config(ours.backbone, cfg.mask_ratio, decoder)).to(env.device)
+        impl = f"transformers.ViTMAEForPreTraining ({hf.config._attn_implementation})"
         cases.append(
             _train_case(
                 "mae/hf", "mae", "reference", hf, lambda: hf(pixel_values=images).loss, _plain_adamw(hf, cfg), env,
-                cfg.batch_size, {**info, "impl": f"transformers.ViTMAEForPreTraining ({hf.config._attn_implementation})"},
+                cfg.batch_size, {**info, "impl": impl},
             )
         )
     return cases
@@ -318,7 +327,9 @@ def deit_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
 
     name = _distilled_name(cfg.model)
     if name is None:
-        raise ValueError(f"no distilled backbone for {cfg.model}: benchmark deit with a size that has one (tiny, small, base).")
+        raise ValueError(
+            f"no distilled backbone for {cfg.model}: benchmark deit with a size that has one (tiny, small, base)."
+        )
     torch.manual_seed(cfg.seed)
     classes = _classes(cfg)
     student = create_backbone(name, num_classes=classes, **cfg.overrides)
@@ -397,7 +408,8 @@ def eval_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
             pool_features(backbone, images, "token")
 
     cases = [
-        Case("eval/ours", "eval", "ours", ours, cfg.eval_batch_size, info={**info, "impl": "ssl_vit pool_features"}, track=(backbone,))
+        Case("eval/ours", "eval", "ours", ours, cfg.eval_batch_size,
+             info={**info, "impl": "ssl_vit pool_features"}, track=(backbone,))
     ]
     if reference:
         timm_name, kwargs = backbone.timm_spec()
@@ -410,7 +422,8 @@ def eval_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
                 ref.forward_head(ref.forward_features(images), pre_logits=True)
 
         cases.append(
-            Case("eval/timm", "eval", "reference", theirs, cfg.eval_batch_size, info={**info, "impl": f"timm {timm_name} inference"}, track=(ref,))
+            Case("eval/timm", "eval", "reference", theirs, cfg.eval_batch_size,
+                 info={**info, "impl": f"timm {timm_name} inference"}, track=(ref,))
         )
     return cases
 

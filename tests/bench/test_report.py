@@ -17,17 +17,21 @@ TIMES = {
 
 
 def _cases() -> list[Case]:
-    return [Case(name, name.split("/")[0], "ours" if name.endswith("ours") else "reference", lambda: None, 64) for name in TIMES]
+    role = {True: "ours", False: "reference"}
+    return [Case(name, name.split("/")[0], role[name.endswith("ours")], lambda: None, 64) for name in TIMES]
 
 
 def _report() -> dict:
     cases = _cases()
-    rows = case_rows(cases, TIMES, {n: 10**11 for n in TIMES}, {"mae/ours": {"peak_mib": 900.0, "kind": "cpu_tensors", "rss_peak_mib": 2000.0}}, 2e11)
+    memory = {"mae/ours": {"peak_mib": 900.0, "kind": "cpu_tensors", "rss_peak_mib": 2000.0}}
+    rows = case_rows(cases, TIMES, {n: 10**11 for n in TIMES}, memory, 2e11)
     comps = comparisons(cases, TIMES)
     return {
         "label": "Test CPU, 2 cores, 2 threads, torch x (CPU)",
         "machine": {"cpu": "Test CPU"},
-        "matmul_peak": {"flops_per_s": 2e11, "size": 1024, "dtype": "float32", "by_backend": {"torch.mm": 1e11, "onednn": 2e11}},
+        "matmul_peak": {
+            "flops_per_s": 2e11, "size": 1024, "dtype": "float32", "by_backend": {"torch.mm": 1e11, "onednn": 2e11}
+        },
         "cases": rows,
         "comparisons": comps,
         "targets": targets(comps),
@@ -83,7 +87,9 @@ def test_write_json__round_trips_the_fields(tmp_path):
 
 
 def test_scaling_rows__pair_step_and_encoder_and_check_encoder_time_falls():
-    info = lambda ratio, visible: {"img_size": 32, "patch_size": 4, "patches": 64, "visible": visible, "mask_ratio": ratio, "batch_size": 8}  # noqa: E731
+    def info(ratio: float, visible: int) -> dict:
+        return dict(img_size=32, patch_size=4, patches=64, visible=visible, mask_ratio=ratio, batch_size=8)
+
     cases, times, flops = [], {}, {}
     for ratio, visible, t in ((0.5, 32, 0.4), (0.75, 16, 0.2), (0.9, 6, 0.1)):
         tag = f"32px/p4/mask{ratio:g}"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from ssl_vit.bench import BenchEnv, WorkloadConfig
-from ssl_vit.bench.workloads import backbone_cases, deit_cases, eval_cases, hf_mae_config, mae_cases, scaling_cases, supervised_cases
+from ssl_vit.bench.workloads import (
+    backbone_cases,
+    deit_cases,
+    eval_cases,
+    hf_mae_config,
+    mae_cases,
+    scaling_cases,
+    supervised_cases,
+)
 
 ENV = BenchEnv(torch.device("cpu"))
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
