@@ -88,7 +88,8 @@ _HF_LAYER_PARTS = {
     "layernorm_after": "norm2",
 }
 _HF_ENCODER_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
-_HF_DECODER_LAYER = re.compile(r"^decoder_layers\.(\d+)\.(.+)\.(weight|bias)$")
+# `decoder_layers.N` in memory and on the Hub; transformers 5's save_pretrained writes `decoder_encoder.layer.N`.
+_HF_DECODER_LAYER = re.compile(r"^(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_ENCODER_FIXED = {
     "embeddings.cls_token": "cls_token",
     "embeddings.position_embeddings": "pos_embed",

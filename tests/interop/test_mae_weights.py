@@ -104,6 +104,23 @@ def test_hf_vitmae_loss__equals_ours_from_the_hub_checkpoint_layout_without_qkv_
         )
 
 
+def test_hf_vitmae_save_pretrained_file__loads_with_equal_loss(tmp_path):
+    # transformers 5's save_pretrained names decoder blocks `decoder.decoder_encoder.layer.N`, not the
+    # in-memory `decoder.decoder_layers.N`: files users save themselves must convert too.
+    from safetensors.torch import load_file
+
+    hf = hf_model(norm_pix=True, seed=5)
+    hf.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    ours = load_into(our_mae(True), *hf_vitmae_to_ours(saved))
+    images, noise = torch.randn(2, 3, IMG, IMG), torch.rand(2, N)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours({"pixel_values": images, "noise": noise})["loss"],
+            hf(pixel_values=images, noise=noise).loss, rtol=0, atol=1e-5,
+        )
+
+
 def test_hf_sincos_positions__equal_ours_in_encoder_and_decoder():
     hf = hf_model(norm_pix=True)
     grid = (IMG // PATCH, IMG // PATCH)
