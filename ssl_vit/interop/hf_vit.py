@@ -17,7 +17,7 @@ __all__ = ["hf_encoder_prefix", "hf_encoder_to_timm", "is_hf_vit"]
 _PATCH_KEY = "embeddings.patch_embeddings.projection.weight"
 _LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 # Per-layer names (both styles) -> timm's, except q/k/v which are fused below.
-_LAYER_MAP = {
+LAYER_MAP = {
     "attention.output.dense": "attn.proj",
     "attention.o_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1",
@@ -27,7 +27,7 @@ _LAYER_MAP = {
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
 }
-_QKV = {
+QKV_PARTS = {
     "attention.attention.query": "q",
     "attention.attention.key": "k",
     "attention.attention.value": "v",
@@ -85,11 +85,11 @@ def hf_encoder_to_timm(
             if m:
                 i, sub = int(m.group(1)), m.group(2)
                 module, _, param = sub.rpartition(".")
-                if module in _QKV:
-                    qkv.setdefault((i, param), {})[_QKV[module]] = value
+                if module in QKV_PARTS:
+                    qkv.setdefault((i, param), {})[QKV_PARTS[module]] = value
                     continue
-                if module in _LAYER_MAP:
-                    out[f"blocks.{i}.{_LAYER_MAP[module]}.{param}"] = value
+                if module in LAYER_MAP:
+                    out[f"blocks.{i}.{LAYER_MAP[module]}.{param}"] = value
                     continue
         head, _, param = key.rpartition(".")
         if keep_heads and head in _HEADS and param in ("weight", "bias"):

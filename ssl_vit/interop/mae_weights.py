@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ssl_vit.interop import hf_vit
+
 __all__ = ["MAEWeightsError", "hf_vitmae_to_ours", "mae_official_to_ours", "split_backbone_decoder"]
 
 # Our MAE objective's own (non-backbone) entries; facebookresearch/mae names them identically.
@@ -69,24 +71,9 @@ def mae_official_to_ours(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch
     return backbone, decoder
 
 
-# Hugging Face layer entries, in both the layout saved on the Hub (transformers < 5) and the in-memory
-# layout of transformers >= 5 -> our (timm) names; "q"/"k"/"v" are fused into attn.qkv afterwards.
-_HF_LAYER_PARTS = {
-    "attention.attention.query": "q",
-    "attention.attention.key": "k",
-    "attention.attention.value": "v",
-    "attention.q_proj": "q",
-    "attention.k_proj": "k",
-    "attention.v_proj": "v",
-    "attention.output.dense": "attn.proj",
-    "attention.o_proj": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-}
+# Hugging Face layer entries (Hub layout and transformers >= 5's) -> our (timm) names: the same table the
+# ViT/DeiT importer uses; "q"/"k"/"v" are fused into attn.qkv afterwards.
+_HF_LAYER_PARTS = {**hf_vit.LAYER_MAP, **hf_vit.QKV_PARTS}
 _HF_ENCODER_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
 # `decoder_layers.N` in memory and on the Hub; transformers 5's save_pretrained writes `decoder_encoder.layer.N`.
 _HF_DECODER_LAYER = re.compile(r"^(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$")
