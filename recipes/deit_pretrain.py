@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ssl_vit.config import PretrainConfig, load_config
 from ssl_vit.engine import run_pretrain
-from ssl_vit.objectives.distillation import train_missing_teacher
+from ssl_vit.engine.teacher import train_missing_teacher
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "deit_default.yaml"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 import types
 import typing
@@ -187,9 +188,18 @@ def _from_dict(schema: type, data: dict, prefix: str, root: type) -> Any:
     return schema(**kwargs)
 
 
+def resolved_schema(schema: type, data: dict) -> type:
+    """The schema that reads `data`: a schema whose groups depend on a value (the pretraining
+    objective's own groups) says so with a `resolve_schema(data)` classmethod."""
+    resolve = getattr(schema, "resolve_schema", None)
+    return resolve(data) if resolve is not None else schema
+
+
 def config_from_dict(schema: type, data: dict) -> Any:
     """Build `schema` from a nested dict, checking every key and type."""
-    return _from_dict(schema, data or {}, "", schema)
+    data = data or {}
+    schema = resolved_schema(schema, data)
+    return _from_dict(schema, data, "", schema)
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -345,7 +355,7 @@ def load_config(schema: type, argv: list[str] | None = None, default_file: str |
     _deep_merge(data, overrides)
     cfg = config_from_dict(schema, data)
     if want_help:
-        print(format_help(schema, cfg))
+        print(format_help(type(cfg), cfg))
         raise SystemExit(0)
     return cfg
 
@@ -366,17 +376,16 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 from ssl_vit.data.config import DataConfig  # noqa: E402
 from ssl_vit.engine.config import OptimConfig, TrainConfig  # noqa: E402
 from ssl_vit.models.config import ModelConfig  # noqa: E402
-from ssl_vit.objectives.config import (  # noqa: E402
-    DistillConfig,
-    MAEConfig,
-    ObjectiveConfig,
-    SupervisedConfig,
-)
+from ssl_vit.objectives.config import ObjectiveConfig  # noqa: E402
 
 
 @dataclasses.dataclass
 class PretrainConfig:
-    """Everything a pretraining run reads: `recipes/pretrain.py` and its per-method presets."""
+    """Everything a pretraining run reads: `recipes/pretrain.py` and its per-method presets.
+
+    The chosen objective's own groups (`mae.*`, `supervised.*` + `distill.*`, ...) join these when a
+    config is read: `load_config(PretrainConfig, ...)` returns an instance of `PretrainConfig.for_objective(cls)`.
+    """
 
     output_dir: str = "outputs/pretrain"
     seed: int = 0
@@ -385,6 +394,42 @@ class PretrainConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
-    mae: MAEConfig = dataclasses.field(default_factory=MAEConfig)
-    supervised: SupervisedConfig = dataclasses.field(default_factory=SupervisedConfig)
-    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+    @classmethod
+    def resolve_schema(cls, data: dict) -> type:
+        """This schema plus the config groups of the objective that `data` names (objective.name / .module)."""
+        from ssl_vit.objectives import UnknownObjectiveError, get_objective, import_objective_module
+
+        chosen = data.get("objective") if isinstance(data.get("objective"), dict) else {}
+        name = chosen.get("name", ObjectiveConfig.name)
+        module = chosen.get("module")
+        if not isinstance(name, str) or (module is not None and not isinstance(module, str)):
+            return cls  # the type check of objective.* reports it
+        try:
+            if module:
+                import_objective_module(module)
+            objective = get_objective(name)
+        except UnknownObjectiveError as err:
+            raise ConfigError(f"objective.name={name}: {err}") from None
+        return cls.for_objective(objective)
+
+    @classmethod
+    def for_objective(cls, objective: type) -> type:
+        """This schema with `objective`'s config groups as fields (`mae: MAEConfig`, ...)."""
+        from ssl_vit.objectives.base import config_groups
+
+        return _with_groups(cls, tuple(config_groups(objective).items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _with_groups(base: type, groups: tuple[tuple[str, type], ...]) -> type:
+    if not groups:
+        return base
+    taken = {f.name for f in dataclasses.fields(base)} & {name for name, _ in groups}
+    if taken:
+        raise ConfigError(f"an objective's config group may not be named {sorted(taken)}: those keys belong to the run.")
+    fields = [(name, schema, dataclasses.field(default_factory=schema)) for name, schema in groups]
+    schema = dataclasses.make_dataclass(base.__name__, fields, bases=(base,))
+    schema.__module__ = base.__module__
+    schema.__doc__ = f"{base.__doc__}\n    With the groups {', '.join(name for name, _ in groups)}."
+    return schema

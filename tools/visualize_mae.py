@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ssl_vit.viz.mae import reconstruction_grid
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -55,7 +57,7 @@ def load_run(run_dir: Path, mask_ratio: float | None = None, checkpoint: Path | 
     kwargs = dataclasses.asdict(cfg.mae)
     if mask_ratio is not None:
         kwargs["mask_ratio"] = mask_ratio
-    mae = MAE(backbone, **kwargs, mean=cfg.data.mean, std=cfg.data.std, init_backbone=False)
+    mae = MAE(backbone, **kwargs)  # its init is overwritten by the run's weights below
 
     state = load_file(str(weights), device="cpu")
     for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, should a save keep them
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     mae, cfg = load_run(args.run, args.mask_ratio, args.checkpoint)
     images = folder_images(args.folder, args.images, cfg) if args.folder else run_images(args.images, cfg)
-    grid = mae.visualize({"pixel_values": images}, max_images=args.images, seed=args.seed)["mae_reconstruction"]
+    grid = reconstruction_grid(mae, images, cfg.data.mean, cfg.data.std, max_images=args.images, seed=args.seed)
     out = save_png(grid, args.out or args.run / "mae_reconstruction_tool.png")
     print(f"wrote {out} ({images.shape[0]} images, mask ratio {mae.mask_ratio})")
     return out

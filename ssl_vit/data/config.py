@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+# The ImageNet normalisation every paper's recipe uses (and timm's IMAGENET_DEFAULT_MEAN / _STD).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass
 class DataConfig:
@@ -36,8 +40,8 @@ class DataConfig:
     # DeiT's repeated augmentation: each training image appears this many times in a row per epoch
     # (differently augmented), the epoch keeping its length (make_loader's repeated_aug; DeiT uses 3).
     repeated_aug: int = 1
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     # Transforms (../shared/PROTOCOLS.md). RandomResizedCrop's smallest area fraction; None: the
     # paper value of each transform (MAE 0.2, DeiT/timm 0.08).

@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Sampler, SequentialSampler, default_collate
 
 from ssl_vit.data.sources import DataBundle, DataError
-from ssl_vit.data.transforms import build_transform
+from ssl_vit.data.transforms import build_transform, own_transform
 
 __all__ = ["ShuffleSampler", "decode_image", "make_loader"]
 
@@ -286,9 +286,17 @@ class ShuffleSampler(Sampler[int]):
         return iter(order.tolist())
 
 
-def collate(samples: list[tuple]) -> dict[str, torch.Tensor]:
-    """[(pixel_values, label or None)] -> {"pixel_values": (B, 3, H, W), "labels": (B,) int64}."""
-    batch = {"pixel_values": torch.stack([s[0] for s in samples])}
+def collate(samples: list[tuple]) -> dict[str, Any]:
+    """[(views, label or None)] -> {"pixel_values": (B, 3, H, W), "labels": (B,) int64}.
+
+    Views that are a dict (an objective's own `train_transform`) are merged into the batch with
+    torch's `default_collate`: a list of views of different sizes becomes a list of batched tensors.
+    """
+    views = [s[0] for s in samples]
+    if isinstance(views[0], dict):
+        batch = dict(default_collate(views))
+    else:
+        batch = {"pixel_values": torch.stack(views)}
     if samples and samples[0][1] is not None:
         batch["labels"] = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     return batch
@@ -297,7 +305,7 @@ def collate(samples: list[tuple]) -> dict[str, torch.Tensor]:
 def make_loader(
     bundle: DataBundle,
     split: str,
-    kind: str,
+    kind: str | Callable,
     batch_size: int,
     *,
     train: bool,
@@ -309,7 +317,8 @@ def make_loader(
 
     Args:
         split: "train" or "eval" (which dataset of the bundle).
-        kind: transform, "mae" | "supervised" | "eval" (see transforms.py).
+        kind: a built-in transform, "mae" | "supervised" | "eval" (see transforms.py), or an objective's
+            own training transform (a PIL RGB image -> a tensor or a dict of views; training only).
         batch_size: per process (Accelerate shards whole batches).
         train: shuffle (seeded) + drop_last + augmenting transform; False: in order, every row, eval transform.
         repeated_aug: DeiT's repeated augmentation factor (3 in DeiT); training only.
@@ -329,7 +338,7 @@ def make_loader(
         raise ValueError(f"repeated_aug={repeated_aug} must be >= 1.")
     cfg = bundle.cfg
     workers = cfg.num_workers if num_workers is None else num_workers
-    transform = build_transform(kind, cfg, train=train)
+    transform = build_transform(kind, cfg, train=train) if isinstance(kind, str) else own_transform(kind)
     # An eval split may lack the label column when the run needs no labels (load_data checked).
     has_labels = bundle.label_column is not None and (hf.features is None or bundle.label_column in hf.features)
     rows = _Rows(bundle, split, transform, multiprocessing.Value("q", 0), has_labels)

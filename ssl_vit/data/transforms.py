@@ -4,11 +4,14 @@
 - `supervised`: timm's `create_transform` training pipeline as in DeiT: RandomResizedCrop(0.08-1),
   flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (mixup/cutmix live in the objective).
 - `eval`: resize to image_size / crop_pct, center crop image_size.
+
+An objective with views of its own (multi-crop, two augmented views) builds them in its
+`train_transform(data_cfg)`; `own_transform` feeds it RGB images like these.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -16,7 +19,7 @@ from torchvision import transforms as T
 
 from ssl_vit.data.config import DataConfig
 
-__all__ = ["TRANSFORM_KINDS", "build_transform", "to_rgb"]
+__all__ = ["TRANSFORM_KINDS", "build_transform", "own_transform", "to_rgb"]
 
 TRANSFORM_KINDS = ("mae", "supervised", "eval")
 # Paper values of RandomResizedCrop's smallest area fraction, used when data.crop_scale_min is None.
@@ -137,7 +140,7 @@ class _RGBThen:
     def __init__(self, inner: Callable):
         self.inner = inner
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> Any:
         return self.inner(to_rgb(image))
 
     def __repr__(self) -> str:
@@ -162,3 +165,8 @@ def build_transform(kind: str, data_cfg: DataConfig, train: bool) -> Callable[[I
     else:
         inner = _supervised_transform(data_cfg)
     return _RGBThen(inner)
+
+
+def own_transform(transform: Callable[[Image.Image], Any]) -> Callable[[Image.Image], Any]:
+    """An objective's own training transform (its `train_transform`), fed RGB images like the built-in ones."""
+    return _RGBThen(transform)

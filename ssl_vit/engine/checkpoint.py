@@ -268,8 +268,8 @@ def save_backbone(
     return path
 
 
-def _resolve_backbone_file(path: Path) -> Path | None:
-    """Our own export behind `path` (an output_dir, a backbone file), or None for other formats."""
+def run_backbone_file(path: Path) -> Path | None:
+    """Our own export behind `path` (a run's output_dir, a backbone file), or None for other formats."""
     if path.is_dir():
         candidate = path / "backbone.safetensors"
         return candidate if candidate.is_file() and candidate.with_suffix(".json").is_file() else None
@@ -359,7 +359,7 @@ def load_backbone(
             f"checkpoint '{path}' not found: give a run's output_dir, a backbone.safetensors, a timm/MAE/DeiT "
             f"checkpoint file, or 'random'."
         )
-    own = _resolve_backbone_file(path)
+    own = run_backbone_file(path)
     if own is not None:
         meta = json.loads(own.with_suffix(".json").read_text())
         spec = dict(meta["model"])

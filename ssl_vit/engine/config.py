@@ -54,6 +54,9 @@ class OptimConfig:
     blr: float = 1.5e-4
     lr: Optional[float] = None
     weight_decay: float = 0.05
+    # Cosine schedule of the weight decay from `weight_decay` (first step) to this value (last step), as
+    # DINO and I-JEPA (0.04 -> 0.4); None: constant. Parameters without decay (norms, biases) keep none.
+    weight_decay_end: Optional[float] = None
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     # SGD and LARS momentum.

@@ -93,8 +93,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of `module` (an objective or a bare backbone), trainable params only.
 
-    Each group has `params`, `weight_decay`, `lr_scale` (multiplies the scheduled lr) and `name`
-    (`"layer_3_decay"`, ...), so the schedule can set `lr = lr_now * lr_scale` per group.
+    Each group has `params`, `weight_decay`, `lr_scale` (multiplies the scheduled lr), `wd_scale` (1 or 0:
+    whether a weight-decay schedule applies) and `name` (`"layer_3_decay"`, ...), so the schedules can
+    set `lr = lr_now * lr_scale` and `weight_decay = wd_now * wd_scale` per group.
     """
     backbone, prefix = _backbone_and_prefix(module)
     depth = len(backbone.blocks) if backbone is not None and hasattr(backbone, "blocks") else 0
@@ -112,9 +113,10 @@ def param_groups(
             lid = layer_id(name[len(prefix) :], depth) if in_backbone else depth + 1
             key = f"layer_{lid}_{'decay' if decay else 'no_decay'}"
             scale = layer_decay ** (depth + 1 - lid)
-        group = groups.setdefault(
-            key, {"name": key, "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
-        )
+        group = groups.setdefault(key, {
+            "name": key, "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": scale, "wd_scale": 1.0 if decay else 0.0,
+        })
         group["params"].append(param)
         group["param_names"].append(name)
     if not groups:

@@ -18,11 +18,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+from tqdm.auto import tqdm
 
+from ssl_vit.data.config import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.engine import checkpoint as ckpt
 from ssl_vit.engine.evaluate import classify
+from ssl_vit.engine.process import fresh_accelerator
 from ssl_vit.engine.optim import EMA, build_optimizer, cosine_schedule, param_groups, scaled_lr
 from ssl_vit.engine.seeding import capture_rng, isolated_rng, mix_seed, restore_rng, seeded_loader, set_loader_epoch
+from ssl_vit.objectives.base import exported_backbone
 
 __all__ = ["NonFiniteLossError", "Trainer", "cpu_has_native_bf16", "make_accelerator"]
 
@@ -47,24 +52,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def make_accelerator(cfg: Any) -> Any:
-    """An Accelerator for this run: precision, accumulation, TensorBoard under output_dir/tb, seeded shuffling.
-
-    Accelerate keeps one shared state per process; a new run in the same process (tests, a teacher
-    trained before its student) gets a fresh one, so precision and accumulation follow the new config.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
-
+    """A fresh Accelerator for this run: precision, accumulation, TensorBoard under output_dir/tb, seeded shuffling."""
     tc = cfg.train
-    AcceleratorState._reset_state()  # keeps the process group (PartialState)
-    GradientState._reset_state()
     if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
             "train.mixed_precision=fp16 needs a GPU; on CPU use train.mixed_precision=bf16 (slow without "
             "native bf16) or 'no'."
         )
-    accelerator = Accelerator(
+    accelerator = fresh_accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.grad_accum_steps,
         log_with="tensorboard",
@@ -98,6 +93,52 @@ def _scalars(out: dict[str, Any]) -> dict[str, torch.Tensor]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             found[key] = torch.tensor(float(value))
     return found
+
+
+class _MetricWindow:
+    """The objective's scalars over the optimizer steps since the last log line, and the throughput.
+
+    Micro-batches add to the current step; a step that is taken keeps them (and its gradient norm,
+    left on the device until the log line), a skipped (non-finite) step drops them.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+        self.step_sums: dict[str, torch.Tensor] = {}
+        self.step_batches = 0
+        self.norms: list[torch.Tensor] = []
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add_batch(self, out: dict[str, Any], images: int) -> None:
+        for key, value in _scalars(out).items():
+            self.step_sums[key] = self.step_sums[key] + value if key in self.step_sums else value
+        self.step_batches += 1
+        self.images += images
+
+    def keep_step(self, grad_norm: torch.Tensor | None) -> None:
+        for key, value in self.step_sums.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.batches += self.step_batches
+        if grad_norm is not None:
+            self.norms.append(grad_norm.detach())
+        self.drop_step()
+
+    def drop_step(self) -> None:
+        self.step_sums, self.step_batches = {}, 0
+
+    def metrics(self, accelerator: Any) -> dict[str, float]:
+        """`train/<key>` averaged over the window's micro-batches and the processes, grad norm, images/s."""
+        keys = sorted(self.sums)
+        metrics: dict[str, float] = {}
+        if keys and self.batches:
+            values = accelerator.reduce(torch.stack([self.sums[k] for k in keys]) / self.batches, reduction="mean")
+            metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
+        seconds = time.perf_counter() - self.start
+        metrics["train/grad_norm"] = float(torch.stack(self.norms).mean()) if self.norms else float("nan")
+        metrics["train/images_per_sec"] = self.images / seconds if seconds > 0 else 0.0
+        return metrics
 
 
 @dataclasses.dataclass
@@ -179,7 +220,9 @@ class Trainer:
         self._last_saved_step = -1
         self._last_saved_pos: tuple[int, int, int] | None = None
         self._lr = 0.0
+        self._wd = self.oc.weight_decay
         self._accounted_at = 0.0
+        self._max_norm = self.tc.clip_grad if self.tc.clip_grad is not None else float("inf")
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -192,6 +235,12 @@ class Trainer:
         return cosine_schedule(
             step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps, min_lr=self.oc.min_lr
         )
+
+    def wd_at(self, step: int) -> float:
+        """Weight decay of optimizer step `step`: cosine from optim.weight_decay to optim.weight_decay_end (DINO)."""
+        if self.oc.weight_decay_end is None:
+            return self.oc.weight_decay
+        return cosine_schedule(step, base_lr=self.oc.weight_decay, total_steps=self.total_steps, min_lr=self.oc.weight_decay_end)
 
     def _fixed_batch(self, loader: Any) -> dict[str, torch.Tensor] | None:
         """A few samples for `visualize`, the same every time (own seed; the global RNG is untouched)."""
@@ -306,7 +355,7 @@ class Trainer:
     def _export_backbones(self, model_state: dict[str, torch.Tensor]) -> None:
         from ssl_vit.config import config_to_dict
 
-        backbone = self.unwrapped.backbone
+        backbone, prefix = exported_backbone(self.unwrapped)
         meta = dict(
             objective=self.objective_name,
             step=self.pos.step,
@@ -319,7 +368,7 @@ class Trainer:
         )
 
         def backbone_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
         ckpt.save_backbone(backbone, self.output_dir / "backbone.safetensors", state_dict=backbone_part(model_state), **meta)
         if self.ema is not None:
@@ -408,8 +457,8 @@ class Trainer:
     # -- evaluation and images -------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float] | None:
-        """Top-1/top-5 of the backbone on the eval loader (None without labels or a classifier head)."""
-        backbone = self.unwrapped.backbone
+        """Top-1/top-5 of the exported backbone on the eval loader (None without labels or a classifier head)."""
+        backbone, _ = exported_backbone(self.unwrapped)
         if self.eval_loader is None or getattr(backbone, "num_classes", 0) <= 0:
             return None
         if self.fsdp:
@@ -433,7 +482,9 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad(), acc.autocast():
                 batch = send_to_device(self._vis_batch, acc.device)
-                images = objective.visualize(batch) if hasattr(objective, "visualize") else {}
+                data = getattr(self.cfg, "data", None)
+                mean, std = getattr(data, "mean", IMAGENET_MEAN), getattr(data, "std", IMAGENET_STD)
+                images = objective.visualize(batch, mean, std) if hasattr(objective, "visualize") else {}
                 attention = attention_images(objective, batch, self.cfg)  # TensorBoard only, no PNG
         finally:
             objective.train(was_training)
@@ -475,6 +526,15 @@ class Trainer:
 
             save_config(self.cfg, self.output_dir / "config.yaml")
         acc.init_trackers("tb")
+        # This session's state: what the loop counts between optimizer steps and log lines.
+        self._bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not acc.is_local_main_process, desc="train", dynamic_ncols=True)
+        self._session_start, self._session_start_step, self._session_images = time.perf_counter(), self.pos.step, 0
+        self._accounted_at = self._session_start
+        self.window = _MetricWindow()
+        self._last_metrics: dict[str, float] = {}
+        self._micro_batches = 0
+        self._nonfinite_losses = torch.zeros((), device=acc.device)
+        self._time_is_up = False
 
     def _epoch_loader(self) -> Any:
         set_loader_epoch(self.train_loader, self.pos.epoch)
@@ -494,115 +554,131 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until train.epochs or train.max_steps, whichever comes first; returns the run's summary."""
-        from tqdm.auto import tqdm
-
-        acc, tc = self.accelerator, self.tc
         self._begin()
         pos = self.pos
+        while pos.step < self.total_steps and self._epochs_left() and not self._time_is_up:
+            stopped = self._train_epoch()
+            if stopped and not self._epoch_complete():
+                break
+            pos.epoch += 1
+            pos.batch_in_epoch = 0
+            self._epoch_end()
+        return self._finish()
+
+    def _train_epoch(self) -> bool:
+        """One pass over (what is left of) the epoch's data; True when the run must stop before its end."""
+        acc, pos = self.accelerator, self.pos
+        for batch in self._epoch_loader():
+            if self._micro_batches == 0:
+                self._hook("on_step_start")
+            with acc.accumulate(self.model):
+                out = self.model(batch)
+                acc.backward(out["loss"])
+                self._count_batch(out)
+                if acc.sync_gradients:
+                    self._optimizer_step()
+            if acc.sync_gradients:
+                pos.step += 1
+                self._after_step()
+                if pos.step >= self.total_steps or self._time_is_up:
+                    return True
+        return False
+
+    def _count_batch(self, out: dict[str, Any]) -> None:
+        """A micro-batch done: its metrics, the images seen, the place in the data."""
+        images = self.batch_size * self.accelerator.num_processes
+        self.window.add_batch(out, images)
+        self._nonfinite_losses = self._nonfinite_losses + (~torch.isfinite(out["loss"].detach())).float()
+        self._micro_batches += 1
+        self.pos.batch_in_epoch += 1
+        self.pos.images_seen += images
+        self._session_images += images
+
+    def _optimizer_step(self) -> None:
+        """Schedules, clipping, the non-finite guard, then the step (or its skip), with the objective's hooks."""
+        acc, pos = self.accelerator, self.pos
+        self._lr = self.lr_at(pos.step)
+        self._wd = self.wd_at(pos.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr * g.get("lr_scale", 1.0)
+            if self.oc.weight_decay_end is not None:
+                g["weight_decay"] = self._wd * g.get("wd_scale", 1.0)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self._max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
+        self._hook("on_before_optimizer_step")
+        flags = torch.stack([self._nonfinite_losses, (~torch.isfinite(grad_norm)).float()])
+        loss_bad, norm_bad = (acc.reduce(flags, reduction="sum") > 0).tolist()
         fp16 = acc.mixed_precision == "fp16"
-        max_norm = tc.clip_grad if tc.clip_grad is not None else float("inf")
-        images_per_batch = self.batch_size * acc.num_processes
-        session_start, session_images, start_step = time.perf_counter(), 0, pos.step
-        self._accounted_at = session_start
-        window: dict[str, torch.Tensor] = {}
-        window_n, window_norm, window_norm_n = 0, 0.0, 0
-        window_t, window_images = time.perf_counter(), 0
-        last_metrics: dict[str, float] = {}
-        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_local_main_process, desc="train", dynamic_ncols=True)
+        # fp16: an infinite gradient is the loss scaler's business (it skips and rescales).
+        if loss_bad or (norm_bad and not fp16):
+            if not self.tc.skip_nonfinite:
+                raise NonFiniteLossError(self._nonfinite_message("loss" if loss_bad else "gradient norm"))
+            self.optimizer.zero_grad(set_to_none=True)
+            pos.nonfinite_skipped += 1
+            self.window.drop_step()
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if fp16 and acc.optimizer_step_was_skipped:
+                pos.fp16_skipped += 1
+            elif self.ema is not None:
+                self.ema.update(self.unwrapped)
+            self.window.keep_step(None if norm_bad else grad_norm)
+        with torch.no_grad():
+            self._hook("on_step_end")
+        self._nonfinite_losses = torch.zeros((), device=acc.device)
+        self._micro_batches = 0
 
-        time_up = False
+    def _hook(self, name: str) -> None:
+        """Call the objective's optional hook `name(step, total_steps)` (see ssl_vit/objectives/base.py)."""
+        hook = getattr(self.unwrapped, name, None)
+        if hook is not None:
+            hook(self.pos.step, self.total_steps)
 
-        def epochs_left() -> bool:
-            return self.steps_per_epoch is None or pos.epoch < tc.epochs
+    def _after_step(self) -> None:
+        """Progress bar, time budget, log line and checkpoint after optimizer step `pos.step`."""
+        pos, tc = self.pos, self.tc
+        self._bar.update(1)
+        if tc.max_seconds is not None:
+            self._time_is_up = self._time_up(self._session_start)
+        if pos.step % max(1, tc.log_every) == 0 or pos.step == self.total_steps or self._time_is_up:
+            self._last_metrics = self._log(self.window.metrics(self.accelerator))
+            self._bar.set_postfix(
+                loss=f"{self._last_metrics.get('train/loss', float('nan')):.4g}",
+                img_s=f"{self._last_metrics['train/images_per_sec']:.0f}",
+            )
+            self.window = _MetricWindow()
+        if tc.save_every and pos.step % tc.save_every == 0:
+            self._account_time(self._session_start)
+            self.save()
 
-        try:
-            while pos.step < self.total_steps and epochs_left() and not time_up:
-                group: dict[str, torch.Tensor] = {}
-                group_n = 0
-                bad = torch.zeros((), device=acc.device)
-                finished_epoch = True
-                for batch in self._epoch_loader():
-                    with acc.accumulate(self.model):
-                        out = self.model(batch)
-                        loss = out["loss"]
-                        acc.backward(loss)
-                        bad = bad + (~torch.isfinite(loss.detach())).float()
-                        for key, value in _scalars(out).items():
-                            group[key] = group[key] + value if key in group else value
-                        group_n += 1
-                        pos.batch_in_epoch += 1
-                        pos.images_seen += images_per_batch
-                        session_images += images_per_batch
-                        window_images += images_per_batch
-                        if not acc.sync_gradients:
-                            continue
-                        self._lr = self.lr_at(pos.step)
-                        for g in self.optimizer.param_groups:
-                            g["lr"] = self._lr * g.get("lr_scale", 1.0)
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                            grad_norm = grad_norm.full_tensor()
-                        grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
-                        flags = torch.stack([bad, (~torch.isfinite(grad_norm)).float()])
-                        loss_bad, norm_bad = (acc.reduce(flags, reduction="sum") > 0).tolist()
-                        # fp16: an infinite gradient is the loss scaler's business (it skips and rescales).
-                        if loss_bad or (norm_bad and not fp16):
-                            if not tc.skip_nonfinite:
-                                raise NonFiniteLossError(self._nonfinite_message("loss" if loss_bad else "gradient norm"))
-                            self.optimizer.zero_grad(set_to_none=True)
-                            pos.nonfinite_skipped += 1
-                        else:
-                            self.optimizer.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                            if fp16 and acc.optimizer_step_was_skipped:
-                                pos.fp16_skipped += 1
-                            elif self.ema is not None:
-                                self.ema.update(self.unwrapped)
-                            for key, value in group.items():
-                                window[key] = window[key] + value if key in window else value
-                            window_n += group_n
-                            if not norm_bad:
-                                window_norm += float(grad_norm)
-                                window_norm_n += 1
-                        group, group_n, bad = {}, 0, torch.zeros((), device=acc.device)
-                        pos.step += 1
-                        bar.update(1)
-                        if tc.max_seconds is not None:
-                            time_up = self._time_up(session_start)
+    def _epochs_left(self) -> bool:
+        return self.steps_per_epoch is None or self.pos.epoch < self.tc.epochs
 
-                        if pos.step % max(1, tc.log_every) == 0 or pos.step == self.total_steps or time_up:
-                            last_metrics = self._log(window, window_n, window_norm, window_norm_n, window_images, time.perf_counter() - window_t)
-                            bar.set_postfix(loss=f"{last_metrics.get('train/loss', float('nan')):.4g}", img_s=f"{last_metrics['train/images_per_sec']:.0f}")
-                            window, window_n, window_norm, window_norm_n = {}, 0, 0.0, 0
-                            window_t, window_images = time.perf_counter(), 0
-                        if tc.save_every and pos.step % tc.save_every == 0:
-                            self._account_time(session_start)
-                            self.save()
-                        if pos.step >= self.total_steps or time_up:
-                            finished_epoch = self.batches_per_epoch is not None and pos.batch_in_epoch >= self.batches_per_epoch
-                            break
-                if not finished_epoch:
-                    break
-                pos.epoch += 1
-                pos.batch_in_epoch = 0
-                self._epoch_end()
-        finally:
-            bar.close()
+    def _epoch_complete(self) -> bool:
+        return self.batches_per_epoch is not None and self.pos.batch_in_epoch >= self.batches_per_epoch
 
-        self._account_time(session_start)
+    def _finish(self) -> dict[str, Any]:
+        """The final checkpoint, evaluation and pictures; returns the run's summary."""
+        acc, pos = self.accelerator, self.pos
+        self._bar.close()
+        self._account_time(self._session_start)
         if (pos.step, pos.epoch, pos.batch_in_epoch) != self._last_saved_pos:
             self.save()  # the final state (also when the last step's save came before the epoch ended)
         result = self.evaluate()
         pngs = self.visualize(save_png=True)
-        seconds = time.perf_counter() - session_start
+        seconds = time.perf_counter() - self._session_start
+        trained = pos.step > self._session_start_step
         summary: dict[str, Any] = {
             "output_dir": str(self.output_dir),
             "steps": pos.step,
             "epochs": pos.epoch,
             "images_seen": pos.images_seen,
             "seconds": round(seconds, 3),
-            "images_per_sec": session_images / seconds if seconds > 0 and pos.step > start_step else 0.0,
-            "loss": last_metrics.get("train/loss"),
+            "images_per_sec": self._session_images / seconds if seconds > 0 and trained else 0.0,
+            "loss": self._last_metrics.get("train/loss"),
             "nonfinite_skipped": pos.nonfinite_skipped,
             "checkpoint": str(self.output_dir / ckpt.CHECKPOINT),
             "backbone": str(self.output_dir / "backbone.safetensors"),
@@ -637,25 +713,20 @@ class Trainer:
         if self.tc.vis_every and epoch % self.tc.vis_every == 0 and epoch < self.tc.epochs:
             self.visualize(save_png=False)
 
-    def _log(
-        self, window: dict[str, torch.Tensor], n: int, norm_sum: float, norm_n: int, images: int, seconds: float
-    ) -> dict[str, float]:
-        acc = self.accelerator
-        keys = sorted(window)
-        metrics: dict[str, float] = {}
-        if keys and n:
-            values = acc.reduce(torch.stack([window[k] for k in keys]) / n, reduction="mean")
-            metrics = {f"train/{k}": float(v) for k, v in zip(keys, values.tolist())}
+    def _log(self, window_metrics: dict[str, float]) -> dict[str, float]:
+        """One log line: the window's averages (over processes) and the run's schedules and counters."""
+        acc, pos = self.accelerator, self.pos
+        metrics = dict(window_metrics)
         metrics.update({
             "train/lr": self._lr,
-            "train/grad_norm": norm_sum / norm_n if norm_n else float("nan"),
-            "train/images_per_sec": images / seconds if seconds > 0 else 0.0,
-            "train/epoch": self.pos.epoch + (self.pos.batch_in_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0),
-            "train/nonfinite_skipped": float(self.pos.nonfinite_skipped),
+            "train/epoch": pos.epoch + (pos.batch_in_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0),
+            "train/nonfinite_skipped": float(pos.nonfinite_skipped),
         })
+        if self.oc.weight_decay_end is not None:
+            metrics["train/weight_decay"] = self._wd
         if acc.mixed_precision == "fp16":
-            metrics["train/fp16_skipped"] = float(self.pos.fp16_skipped)
-        acc.log(metrics, step=self.pos.step)
+            metrics["train/fp16_skipped"] = float(pos.fp16_skipped)
+        acc.log(metrics, step=pos.step)
         return metrics
 
     def _summary_line(self, s: dict[str, Any]) -> str:

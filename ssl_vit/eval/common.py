@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from ssl_vit.config import ConfigError, config_to_dict
+from ssl_vit.engine.checkpoint import run_backbone_file
+from ssl_vit.engine.process import fresh_accelerator
 
 __all__ = [
     "check_eval_config",
@@ -50,12 +52,10 @@ def checkpoint_info(checkpoint: str) -> dict[str, Any]:
     """
     if checkpoint == "random":
         return {"method": "random", "pretrain": {}, "backbone_json": None}
-    path = Path(checkpoint).expanduser()
-    meta_path = path / "backbone.json" if path.is_dir() else path.with_name("backbone.json")
-    if path.is_file() and path.name != "backbone.safetensors":
-        meta_path = path.with_suffix(".json")  # e.g. exported/foo.safetensors + foo.json
+    own = run_backbone_file(Path(checkpoint).expanduser())  # e.g. exported/foo.safetensors + foo.json
+    meta_path = own.with_suffix(".json") if own is not None else None
     meta: dict[str, Any] | None = None
-    if meta_path.is_file():
+    if meta_path is not None:
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -119,17 +119,8 @@ def load_eval_backbone(
 
 
 def make_accelerator(output_dir: str | Path, mixed_precision: str | None = None) -> Any:
-    """An Accelerator that logs to TensorBoard under `output_dir/tb` (as the engine does).
-
-    Accelerate keeps one state per process; like the engine, a new evaluation in the same process gets
-    a fresh one (the process group is kept), so its precision follows its own config.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=str(output_dir))
+    """A fresh Accelerator that logs to TensorBoard under `output_dir/tb` (as the engine does)."""
+    accelerator = fresh_accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=str(output_dir))
     accelerator.init_trackers("tb")
     return accelerator
 

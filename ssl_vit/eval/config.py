@@ -14,7 +14,7 @@ from ssl_vit.config import ConfigError
 from ssl_vit.data.config import DataConfig
 from ssl_vit.engine.config import OptimConfig, TrainConfig
 from ssl_vit.models.config import ModelConfig
-from ssl_vit.objectives.config import SupervisedConfig
+from ssl_vit.objectives.supervised import SupervisedConfig
 
 __all__ = [
     "FeaturesConfig",

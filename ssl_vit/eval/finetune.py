@@ -46,8 +46,7 @@ def build_finetune_objective(cfg: Any, num_classes: int, seed: int) -> nn.Module
 
 def run_finetune(cfg: Any) -> dict[str, Any]:
     """Fine-tune `cfg.checkpoint` once per seed with the engine; writes and returns metrics.json."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from ssl_vit.engine.process import process_state
 
     from ssl_vit.data import load_data, make_loader
     from ssl_vit.engine import Trainer, classify, load_backbone
@@ -63,8 +62,7 @@ def run_finetune(cfg: Any) -> dict[str, Any]:
     start = time.perf_counter()
     check_eval_config(cfg)
     seeds = eval_seeds(cfg)
-    # The CPU flag as Accelerator reads it: a plain PartialState() first would make every process a world of one.
-    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).local_main_process_first():
+    with process_state().local_main_process_first():
         bundle = load_data(cfg.data, need_labels=True, seed=cfg.seed)
     if bundle.eval is None:
         raise ValueError("fine-tuning is judged on an eval split: set data.eval_split or data.val_fraction > 0.")

@@ -110,8 +110,7 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     Every process holds the gathered features and computes the same neighbours (the search is small
     next to the feature pass), so the result does not depend on the number of processes.
     """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from ssl_vit.engine.process import process_state
 
     from ssl_vit.config import save_config
     from ssl_vit.data import load_data
@@ -133,8 +132,7 @@ def run_knn(cfg: Any) -> dict[str, Any]:
     if cfg.knn.report_k not in ks:
         raise ValueError(f"knn.report_k={cfg.knn.report_k} is not in knn.ks={ks}: add it to knn.ks or change report_k.")
     seeds = eval_seeds(cfg)
-    # The CPU flag as Accelerator reads it: a plain PartialState() first would make every process a world of one.
-    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).local_main_process_first():
+    with process_state().local_main_process_first():
         bundle = load_data(cfg.data, need_labels=True, seed=cfg.seed)
     accelerator = make_accelerator(cfg.output_dir, cfg.features.mixed_precision)
     model = None

@@ -290,8 +290,7 @@ def _run_augment(cfg: Any, seeds: list[int], bundle: Any) -> tuple[list[list[dic
 
 def run_linear_probe(cfg: Any) -> dict[str, Any]:
     """Evaluate `cfg.checkpoint` by linear probe for every seed (and lr); writes and returns metrics.json."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from ssl_vit.engine.process import process_state
 
     from ssl_vit.config import save_config
     from ssl_vit.data import load_data
@@ -309,8 +308,7 @@ def run_linear_probe(cfg: Any) -> dict[str, Any]:
     check_eval_config(cfg)
     seeds = eval_seeds(cfg)
     blrs = _sweep_blrs(cfg)
-    # The CPU flag as Accelerator reads it: a plain PartialState() first would make every process a world of one.
-    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).local_main_process_first():
+    with process_state().local_main_process_first():
         bundle = load_data(cfg.data, need_labels=True, seed=cfg.seed)
     if cfg.probe.mode == "augment":
         per_lr, info = _run_augment(cfg, seeds, bundle)

@@ -10,7 +10,15 @@ import torch.nn as nn
 
 from ssl_vit.objectives.base import Objective
 
-__all__ = ["OBJECTIVES", "Objective", "build_objective", "get_objective", "import_objective_module", "register_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "UnknownObjectiveError",
+    "build_objective",
+    "get_objective",
+    "import_objective_module",
+    "register_objective",
+]
 
 OBJECTIVES: dict[str, type[nn.Module]] = {}
 
@@ -21,6 +29,10 @@ _BUILTIN_MODULES = {
     "supervised": "ssl_vit.objectives.supervised",
     "deit": "ssl_vit.objectives.distillation",
 }
+
+
+class UnknownObjectiveError(ValueError):
+    """`objective.name` / `objective.module` name nothing that can be trained: the message says what can."""
 
 
 def register_objective(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -48,7 +60,7 @@ def import_objective_module(module: str) -> None:
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as err:
-        raise ValueError(
+        raise UnknownObjectiveError(
             f"objective.module '{module}' could not be imported ({err}): make it importable "
             f"(installed, or on PYTHONPATH / in the working directory)."
         ) from None
@@ -61,7 +73,7 @@ def get_objective(name: str) -> type[nn.Module]:
         known = sorted(set(OBJECTIVES) | set(_BUILTIN_MODULES))
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
+        raise UnknownObjectiveError(
             f"unknown objective '{name}'.{hint} Registered: {', '.join(known)}. A new objective registers "
             f"itself with @register_objective('{name}') in a module named by objective.module."
         )

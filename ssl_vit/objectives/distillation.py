@@ -11,41 +11,43 @@ At eval the backbone averages the two heads' logits (timm's `deit_*_distilled_*`
 
 from __future__ import annotations
 
-import json
-import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_vit.engine.teacher import TeacherError, load_teacher
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.supervised import (
     MixTargets,
+    SupervisedConfig,
     classifier_classes,
     require_labels,
     soft_target_cross_entropy,
     top1_accuracy,
 )
 
-__all__ = [
-    "DeiTDistillation",
-    "TeacherError",
-    "hard_distillation_loss",
-    "has_checkpoint",
-    "load_teacher",
-    "soft_distillation_loss",
-    "train_missing_teacher",
-]
-
-log = logging.getLogger(__name__)
+__all__ = ["DeiTDistillation", "DistillConfig", "hard_distillation_loss", "soft_distillation_loss"]
 
 DistillType = Literal["hard", "soft", "none"]
 
 
-class TeacherError(ValueError):
-    """A teacher that cannot be loaded or does not fit the student/data."""
+@dataclass
+class DistillConfig:
+    """`distill.*`: DeiT distillation (Touvron et al. 2020): hard beat soft in the paper."""
+
+    type: DistillType = "hard"
+    alpha: float = 0.5
+    tau: float = 1.0
+    # A checkpoint directory/file written by the supervised recipe (any architecture), or a timm model
+    # name with published weights (downloaded once, e.g. "regnety_160.deit_in1k" as in the paper).
+    teacher: Optional[str] = None
+    # A supervised-recipe YAML: when `teacher` is a directory without a checkpoint, recipes/deit_pretrain.py
+    # first trains the teacher with it there (on this run's data.* settings), so no download is needed.
+    train_teacher: Optional[str] = None
 
 
 def hard_distillation_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -65,83 +67,6 @@ def soft_distillation_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------
-# Teachers
-
-
-def _checkpoint_files(path: Path) -> tuple[Path, Path]:
-    """(weights, backbone.json) of a supervised-recipe run directory or its backbone.safetensors."""
-    weights = path / "backbone.safetensors" if path.is_dir() or not path.suffix else path
-    meta = weights.with_suffix(".json")
-    if not weights.is_file() or not meta.is_file():
-        raise TeacherError(
-            f"teacher checkpoint '{path}' is incomplete: expected {weights} and {meta} as written by "
-            f"recipes/supervised_pretrain.py: train the teacher first (python recipes/supervised_pretrain.py "
-            f"output_dir=DIR model.name=resnet10t) or let recipes/deit_pretrain.py do it (distill.train_teacher)."
-        )
-    return weights, meta
-
-
-def _load_checkpoint_teacher(path: Path) -> nn.Module:
-    """A teacher saved by this suite (any architecture): rebuild it from backbone.json, load the weights."""
-    from ssl_vit.interop.safe_load import load_tensor_file  # safetensors, or torch.load(weights_only=True)
-    from ssl_vit.models import ViT, create_model, load_weights
-
-    weights, meta = _checkpoint_files(path)
-    spec = json.loads(meta.read_text()).get("model")
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise TeacherError(f"{meta} has no 'model' spec ({{'name': ..., ...}}) to rebuild the teacher from.")
-    model = create_model(**spec)
-    state = load_tensor_file(weights)  # a truncated or unsafe file is a clear error naming it
-    if isinstance(model, ViT):
-        load_weights(model, state, strict=True)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise TeacherError(
-                f"teacher weights {weights} do not fit {spec['name']} built from {meta}: missing "
-                f"{missing[:8]}, unexpected {unexpected[:8]}."
-            )
-    return model
-
-
-def _load_timm_teacher(name: str) -> nn.Module:
-    """A timm model with its published weights (timm downloads them once into the Hugging Face cache)."""
-    import timm
-
-    if not timm.is_model(name):
-        raise TeacherError(
-            f"distill.teacher '{name}' is neither an existing checkpoint path nor a timm model name: give a "
-            f"run directory (or backbone.safetensors) of recipes/supervised_pretrain.py, or a timm name "
-            f"with published weights such as 'regnety_160.deit_in1k'."
-        )
-    try:
-        return timm.create_model(name, pretrained=True)
-    except Exception as err:  # offline, no published weights, ... : all mean "no usable teacher"
-        raise TeacherError(
-            f"could not load the pretrained weights of timm model '{name}' ({type(err).__name__}: {err}). "
-            f"Without network access, train a teacher with recipes/supervised_pretrain.py and set "
-            f"distill.teacher to its output directory."
-        ) from None
-
-
-def load_teacher(source: str | Path | nn.Module) -> nn.Module:
-    """The teacher as a frozen module in eval mode.
-
-    Args:
-        source: a module; a directory or `backbone.safetensors` written by the supervised recipe (the
-            `backbone.json` beside it rebuilds the architecture); or a timm model name (published weights).
-    """
-    if isinstance(source, nn.Module):
-        teacher = source
-    else:
-        path = Path(source)
-        looks_like_path = path.exists() or len(path.parts) > 1 or path.suffix == ".safetensors"
-        teacher = _load_checkpoint_teacher(path) if looks_like_path else _load_timm_teacher(str(source))
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-# ---------------------------------------------------------------------------------------------------
 # The objective
 
 
@@ -155,7 +80,8 @@ class DeiTDistillation(nn.Module):
         alpha: weight of the distillation loss; the class loss gets 1 - alpha (DeiT's code; 0.5 is the
             paper's hard distillation, CE/2 + CE_teacher/2).
         tau: soft-distillation temperature.
-        teacher: a module, a supervised-recipe run directory / backbone.safetensors, or a timm name.
+        teacher: a module, a supervised-recipe run directory / backbone.safetensors, or a timm name
+            (`ssl_vit.engine.teacher.load_teacher`).
         train_teacher: the supervised config `recipes/deit_pretrain.py` trains a missing teacher with
             (read by the recipe; here it only improves the error message).
         label_smoothing, mixup, cutmix, mixup_prob, mixup_switch_prob: the `supervised.*` group.
@@ -165,10 +91,9 @@ class DeiTDistillation(nn.Module):
 
     needs_labels: ClassVar[bool] = True
     transform: ClassVar[str] = "supervised"
-    config_group: ClassVar[str | None] = "distill"
-    # The runner merges these groups' fields into the constructor's kwargs (smoothing and mixup
-    # apply to the class head exactly as in `Supervised`).
-    config_groups: ClassVar[tuple[str, ...]] = ("supervised", "distill")
+    # Both groups' fields are constructor kwargs: smoothing and mixup apply to the class head exactly
+    # as in `Supervised`.
+    config_groups: ClassVar[dict[str, type]] = {"supervised": SupervisedConfig, "distill": DistillConfig}
 
     def __init__(
         self,
@@ -261,91 +186,3 @@ class DeiTDistillation(nn.Module):
         if not mixed:
             out["top1"] = top1_accuracy((cls_logits.detach() + dist_logits.detach()) / 2, labels)
         return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# A teacher trained on the spot (recipes/deit_pretrain.py)
-
-
-def has_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a run directory (or backbone.safetensors) with a complete teacher checkpoint."""
-    path = Path(path)
-    weights = path / "backbone.safetensors" if path.is_dir() or not path.suffix else path
-    return weights.is_file() and weights.with_suffix(".json").is_file()
-
-
-# Data keys a trained-on-the-spot teacher takes from its own config; all others come from the student's.
-_TEACHER_AUGMENTATION = (
-    "crop_scale_min",
-    "interpolation",
-    "hflip",
-    "auto_augment",
-    "reprob",
-    "remode",
-    "recount",
-    "color_jitter",
-    "repeated_aug",
-)
-
-
-def train_missing_teacher(cfg: Any) -> Any:
-    """Before a DeiT run: train the teacher with the supervised recipe when its checkpoint is missing.
-
-    `cfg` is a `PretrainConfig`. With `distill.train_teacher` (a supervised-recipe YAML) set and
-    `distill.teacher` unset, the teacher goes to `<output_dir>/teacher`; with `distill.teacher` a
-    directory that holds no checkpoint yet, it goes there. The teacher run takes this run's `data.*`
-    (same images, classes, splits, normalisation) except the augmentation keys, and this run's `seed`;
-    the rest comes from its YAML. A timm name or an existing checkpoint is left alone.
-    Returns `cfg`, with `distill.teacher` set.
-    """
-    import copy
-    import dataclasses
-
-    distill = cfg.distill
-    if distill.type == "none" or distill.train_teacher is None:
-        return cfg
-    if distill.teacher is None:
-        distill.teacher = str(Path(cfg.output_dir) / "teacher")
-    target = Path(distill.teacher)
-    if not (target.exists() or len(target.parts) > 1) and _is_timm_name(distill.teacher):
-        return cfg  # a timm name: the objective loads it with its published weights
-    if has_checkpoint(target):
-        _say(f"DeiT teacher: using the checkpoint in {target}")
-        return cfg
-    from ssl_vit.config import PretrainConfig, load_config
-    from ssl_vit.engine import run_pretrain
-
-    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=distill.train_teacher)
-    teacher_cfg.output_dir = str(target)
-    teacher_cfg.seed = cfg.seed
-    # The student's data with the teacher's own augmentation: a teacher is trained to be right, the
-    # student with DeiT's heavy augmentation (RandAugment, erasing, repeated aug).
-    own_augmentation = {k: getattr(teacher_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
-    teacher_cfg.data = dataclasses.replace(copy.deepcopy(cfg.data), **own_augmentation)
-    _say(
-        f"DeiT teacher: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first "
-        f"(supervised recipe, {distill.train_teacher}, on this run's data)"
-    )
-    summary = run_pretrain(teacher_cfg)
-    if not has_checkpoint(target):
-        raise TeacherError(f"the teacher run finished but wrote no backbone.safetensors/backbone.json in {target}.")
-    accuracy = f", eval top-1 {summary['top1']:.2f}%" if "top1" in summary else ""
-    _say(f"DeiT teacher ready in {target}{accuracy}; now distilling into {cfg.model.name}")
-    return cfg
-
-
-def _say(message: str) -> None:
-    """One line in the run's log (the main process only, as the trainer's own lines)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    log.info(message)
-    # The CPU flag as Accelerator reads it: a plain PartialState() first would make every process a world of one.
-    if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process:
-        print(f"[ssl_vit] {message}", flush=True)
-
-
-def _is_timm_name(name: str) -> bool:
-    import timm
-
-    return timm.is_model(name)

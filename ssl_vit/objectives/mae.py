@@ -8,23 +8,32 @@ load with `ssl_vit.interop.mae_weights`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from ssl_vit.models import sincos_pos_embed_2d
-from ssl_vit.models.vit import use_onednn_linears
+from ssl_vit.ops.linear import use_onednn_linears
 from ssl_vit.objectives import register_objective
-from ssl_vit.objectives.masking import gather_tokens, num_visible, patchify, random_masking, unpatchify
+from ssl_vit.objectives.masking import gather_tokens, num_visible, patchify, random_masking
+from ssl_vit.viz.mae import reconstruction_grid
 
-__all__ = ["MAE", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["MAE", "MAEConfig"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_NORM_PIX_EPS = 1e-6  # MAE's and HF's epsilon under the per-patch std
+
+@dataclass
+class MAEConfig:
+    """`mae.*`: He et al. 2021 defaults (PROTOCOLS.md); small-image configs shrink the decoder."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
 
 
 @register_objective("mae")
@@ -36,15 +45,14 @@ class MAE(nn.Module):
         mask_ratio: fraction of patches masked per sample, strictly between 0 and 1.
         decoder_dim / decoder_depth / decoder_heads: the decoder's width, blocks and heads (paper: 512/8/16).
         norm_pix_loss: regress per-patch normalised pixels (mean 0, std 1 per patch), as the paper's results.
-        mean / std: the data normalisation, used only to turn images back into [0, 1] in `visualize`.
-        init_backbone: re-initialise the backbone as facebookresearch/mae does; pass False to keep weights
-            already loaded into it (continued pretraining from a checkpoint).
-    Batch: `pixel_values` (B, 3, H, W); optional `noise` (B, N): same noise, same mask.
+    The backbone is initialised as facebookresearch/mae does (a run from `model.checkpoint` loads its
+    weights afterwards). Batch: `pixel_values` (B, 3, H, W); optional `noise` (B, N): same noise, same mask.
     """
 
-    needs_labels = False
-    transform = "mae"
-    config_group = "mae"
+    needs_labels: ClassVar[bool] = False
+    transform: ClassVar[str] = "mae"  # RandomResizedCrop(0.2-1) + flip
+    config_groups: ClassVar[dict[str, type]] = {"mae": MAEConfig}
+    norm_pix_eps: ClassVar[float] = 1e-6  # MAE's and HF's epsilon under the per-patch std
 
     def __init__(
         self,
@@ -56,9 +64,6 @@ class MAE(nn.Module):
         norm_pix_loss: bool = True,
         *,
         decoder_mlp_ratio: float = 4.0,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        init_backbone: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -100,16 +105,14 @@ class MAE(nn.Module):
             block.attn.fused_attn = True  # F.scaled_dot_product_attention, like the backbone
         self.decoder_norm = norm_layer(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * in_chans)
-        self.register_buffer("image_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self._init_weights(init_backbone)
+        self._init_weights()
         # The decoder's linear layers take the backbone's oneDNN path too (fp32 CPU only; same weights,
         # same keys): 1.2x faster MAE step on AMD CPUs, where MKL's sgemm is slow (tools/benchmark.py).
         use_onednn_linears(self)
 
     # -- initialisation ------------------------------------------------------------------------
 
-    def _init_weights(self, init_backbone: bool) -> None:
+    def _init_weights(self) -> None:
         """facebookresearch/mae's init: xavier-uniform linears (and flattened patch_embed), N(0, 0.02) tokens."""
 
         def init_module(m: nn.Module) -> None:
@@ -122,18 +125,17 @@ class MAE(nn.Module):
                 nn.init.zeros_(m.bias)
 
         decoder = [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]
-        for part in decoder + ([self.backbone] if init_backbone else []):
+        for part in decoder + [self.backbone]:
             part.apply(init_module)
         nn.init.normal_(self.mask_token, std=0.02)
-        if init_backbone:
-            bb = self.backbone
-            w = bb.patch_embed.proj.weight
-            with torch.no_grad():  # a conv that acts as a linear layer on flattened patches
-                nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            for name in ("cls_token", "dist_token"):
-                token = getattr(bb, name, None)
-                if isinstance(token, nn.Parameter):
-                    nn.init.normal_(token, std=0.02)
+        bb = self.backbone
+        w = bb.patch_embed.proj.weight
+        with torch.no_grad():  # a conv that acts as a linear layer on flattened patches
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for name in ("cls_token", "dist_token"):
+            token = getattr(bb, name, None)
+            if isinstance(token, nn.Parameter):
+                nn.init.normal_(token, std=0.02)
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class MAE(nn.Module):
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE and HF
-            target = (target - mean) / (var + _NORM_PIX_EPS) ** 0.5
+            target = (target - mean) / (var + self.norm_pix_eps) ** 0.5
         return target
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,69 +200,9 @@ class MAE(nn.Module):
         loss_visible = (per_patch.detach() * visible).sum() / visible.sum().clamp_min(1.0)
         return {"loss": loss, "loss_visible": loss_visible, "mask_ratio": mask.mean().detach()}
 
-    # -- reconstructions -----------------------------------------------------------------------
+    # -- pictures ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def reconstruct(
-        self, pixel_values: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstructed images and the pixel mask, in the input's (normalised) space.
-
-        With norm_pix_loss the prediction is per-patch normalised; it is mapped back with each true
-        patch's mean and std (what MAE's own demos do), so only the patch's structure is predicted.
-        Returns: reconstruction (B, 3, H, W); mask (B, 1, H, W) with 1 on masked pixels.
-        """
-        latent, ids_restore, mask = self.encode(pixel_values, noise)
-        pred = self.decode(latent, ids_restore).float()  # (B, N, p*p*3)
-        if self.norm_pix_loss:
-            patches = patchify(pixel_values.float(), self.patch_size)
-            mean = patches.mean(dim=-1, keepdim=True)
-            var = patches.var(dim=-1, keepdim=True)
-            pred = pred * (var + _NORM_PIX_EPS) ** 0.5 + mean
-        channels = pixel_values.shape[1]
-        recon = unpatchify(pred, self.patch_size, self.grid_size, channels)  # (B, 3, H, W)
-        pix_mask = mask.float().unsqueeze(-1).expand(-1, -1, self.patch_size**2)  # (B, N, p*p)
-        pix_mask = unpatchify(pix_mask, self.patch_size, self.grid_size, 1)  # (B, 1, H, W)
-        return recon, pix_mask
-
-    @torch.no_grad()
-    def visualize(
-        self, batch: dict[str, torch.Tensor], max_images: int = 8, seed: int = 0, min_tile: int = 64
-    ) -> dict[str, torch.Tensor]:
-        """A grid, one row per image: original | masked | reconstruction | reconstruction + visible patches.
-
-        Masks come from `batch['noise']` or a fixed seed, so grids logged at different epochs compare.
-        Tiles smaller than `min_tile` pixels are enlarged by an integer factor (nearest), so 32x32
-        images stay legible in TensorBoard.
-        Returns {"mae_reconstruction": (3, H', W') in [0, 1]}.
-        """
-        from torchvision.utils import make_grid
-
-        images = batch["pixel_values"][:max_images]
-        noise = batch.get("noise")
-        if noise is None:
-            noise = self.make_noise(images.shape[0], generator=torch.Generator().manual_seed(seed))
-        else:
-            noise = noise[:max_images]
-        was_training = self.training
-        self.eval()
-        try:
-            recon, pix_mask = self.reconstruct(images, noise.to(images.device))
-        finally:
-            self.train(was_training)
-        original = self._to_unit(images)
-        recon = self._to_unit(recon)
-        masked = original * (1 - pix_mask) + 0.5 * pix_mask  # masked patches grey
-        pasted = original * (1 - pix_mask) + recon * pix_mask
-        tiles = torch.stack([original, masked, recon, pasted], dim=1).flatten(0, 1).cpu()  # (B*4, 3, H, W)
-        scale = -(-min_tile // max(tiles.shape[-2:]))  # ceil
-        if scale > 1:
-            tiles = tiles.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-        grid = make_grid(tiles, nrow=4, padding=1, pad_value=1.0)
-        return {"mae_reconstruction": grid.clamp(0, 1)}
-
-    def _to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        """Undo the data normalisation: (B, 3, H, W) -> [0, 1]."""
-        mean = self.image_mean.to(images.device)
-        std = self.image_std.to(images.device)
-        return (images.float() * std + mean).clamp(0, 1)
+    def visualize(self, batch: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float]) -> dict[str, torch.Tensor]:
+        """The reconstruction grid (`ssl_vit.viz.mae`) of the batch, masks from `batch['noise']` or a fixed seed."""
+        grid = reconstruction_grid(self, batch["pixel_values"], mean, std, noise=batch.get("noise"))
+        return {"mae_reconstruction": grid}

@@ -6,6 +6,7 @@ DeiT distillation needs): it only calls `backbone(x)` and reads `backbone.num_cl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -15,7 +16,18 @@ from timm.data import Mixup
 
 from ssl_vit.objectives import register_objective
 
-__all__ = ["MixTargets", "Supervised", "soft_target_cross_entropy", "top1_accuracy"]
+__all__ = ["MixTargets", "Supervised", "SupervisedConfig", "soft_target_cross_entropy", "top1_accuracy"]
+
+
+@dataclass
+class SupervisedConfig:
+    """`supervised.*`: DeiT recipe defaults: label smoothing 0.1; mixup 0.8 / cutmix 1.0 are set by the paper configs."""
+
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -120,8 +132,8 @@ class Supervised(nn.Module):
     """
 
     needs_labels: ClassVar[bool] = True
-    transform: ClassVar[str] = "supervised"
-    config_group: ClassVar[str | None] = "supervised"
+    transform: ClassVar[str] = "supervised"  # timm's RandAugment pipeline as DeiT
+    config_groups: ClassVar[dict[str, type]] = {"supervised": SupervisedConfig}
 
     def __init__(
         self,

@@ -140,6 +140,8 @@ def attention_images(
     backbone = getattr(objective, "backbone", None)
     if backbone is None or not hasattr(backbone, "blocks") or not hasattr(backbone, "patch_embed"):
         return {}
+    if "pixel_values" not in batch:  # an objective whose own views replace the plain image
+        return {}
     data = getattr(cfg, "data", None)
     mean = tuple(getattr(data, "mean", IMAGENET_MEAN))
     std = tuple(getattr(data, "std", IMAGENET_STD))

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl_vit.data.config import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -20,8 +22,6 @@ __all__ = [
     "synthetic_images",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

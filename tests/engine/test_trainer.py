@@ -192,3 +192,30 @@ def test_save__disk_full_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     assert json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 3
     monkeypatch.setattr(ckpt, "save_tensors", real)
     assert Trainer(toy_config(tmp_path), toy_objective(), toy_loader()).fit()["steps"] == 16
+
+
+def test_weight_decay_end__cosine_from_start_to_end_on_decayed_groups_only_as_dino(tmp_path):
+    import math
+
+    class Recording(type(toy_objective())):
+        """Reads the optimizer's groups in `on_before_optimizer_step` (the values this step uses)."""
+
+        seen: list[tuple[int, dict[str, float]]] = []
+
+        def on_before_optimizer_step(self, step: int, total_steps: int) -> None:
+            self.seen.append((step, {g["name"]: g["weight_decay"] for g in self.trainer.optimizer.param_groups}))
+
+    torch.manual_seed(0)
+    objective = Recording(toy_objective().backbone)
+    cfg = toy_config(tmp_path, epochs=1, batch_size=4)  # 32 images: 8 steps
+    cfg.optim = dataclasses.replace(cfg.optim, weight_decay=0.04, weight_decay_end=0.4)
+    trainer = Trainer(cfg, objective, toy_loader(n=32, batch_size=4))
+    objective.trainer = trainer
+    trainer.fit()
+    total = trainer.total_steps
+    # facebookresearch/dino utils.cosine_scheduler(0.04, 0.4, epochs, niter_per_ep): no warm-up.
+    dino = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * i / total)) for i in range(total)]
+    assert [step for step, _ in Recording.seen] == list(range(total))
+    for (step, groups), expected in zip(Recording.seen, dino):
+        assert groups["decay"] == pytest.approx(expected, rel=1e-6), step
+        assert groups["no_decay"] == 0.0

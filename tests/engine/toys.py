@@ -58,7 +58,6 @@ class ToyObjective(nn.Module):
 
     needs_labels = True
     transform = "supervised"
-    config_group = None
 
     def __init__(self, backbone: nn.Module, stochastic: bool = True, crash_at: int | None = None, nan_at: set[int] | None = None) -> None:
         super().__init__()
@@ -88,7 +87,7 @@ class ToyObjective(nn.Module):
         return {"loss": loss, "ce": ce.detach(), "recon": recon.detach()}
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def visualize(self, batch: dict[str, torch.Tensor], mean, std) -> dict[str, torch.Tensor]:
         x = batch["pixel_values"][:4]
         grid = torch.cat(list(x), dim=-1)  # (3, H, 4W)
         return {"toy_grid": (grid - grid.min()) / (grid.max() - grid.min() + 1e-6)}

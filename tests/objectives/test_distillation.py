@@ -14,12 +14,9 @@ from safetensors.torch import save_file
 
 from ssl_vit.models import create_backbone, create_model
 from ssl_vit.objectives import build_objective
-from ssl_vit.objectives.distillation import (
-    DeiTDistillation,
-    TeacherError,
-    load_teacher,
-    soft_distillation_loss,
-)
+from ssl_vit.engine.teacher import TeacherError, load_teacher
+from ssl_vit.objectives.distillation import DeiTDistillation, DistillConfig, soft_distillation_loss
+from ssl_vit.objectives.supervised import SupervisedConfig
 
 NUM_CLASSES = 4
 
@@ -79,7 +76,7 @@ def test_registry__builds_deit_with_its_contract() -> None:
     objective = build_objective("deit", student(), type="none")
     assert isinstance(objective, DeiTDistillation)
     assert DeiTDistillation.needs_labels and DeiTDistillation.transform == "supervised"
-    assert DeiTDistillation.config_groups == ("supervised", "distill")
+    assert DeiTDistillation.config_groups == {"supervised": SupervisedConfig, "distill": DistillConfig}
 
 
 def test_hard_loss__equals_the_hand_computed_value() -> None:
@@ -245,9 +242,9 @@ def test_train_missing_teacher__trains_on_the_students_data_with_the_teachers_au
 ) -> None:
     import yaml
 
-    import ssl_vit.engine
+    import ssl_vit.engine.teacher
     from ssl_vit.config import PretrainConfig, load_config
-    from ssl_vit.objectives.distillation import train_missing_teacher
+    from ssl_vit.engine.teacher import train_missing_teacher
 
     teacher_yaml = tmp_path / "teacher.yaml"
     teacher_yaml.write_text(
@@ -262,7 +259,7 @@ def test_train_missing_teacher__trains_on_the_students_data_with_the_teachers_au
         write_run_dir(bn_teacher(10), Path(cfg.output_dir))
         return {"top1": 50.0}
 
-    monkeypatch.setattr(ssl_vit.engine, "run_pretrain", fake_run)
+    monkeypatch.setattr(ssl_vit.engine.teacher, "run_pretrain", fake_run)
     argv = [
         "objective.name=deit",
         f"output_dir={tmp_path / 'student'}",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ssl_vit.models import create_backbone, create_model
 from ssl_vit.objectives import build_objective, get_objective
-from ssl_vit.objectives.supervised import MixTargets, Supervised, soft_target_cross_entropy
+from ssl_vit.objectives.supervised import MixTargets, Supervised, SupervisedConfig, soft_target_cross_entropy
 
 NUM_CLASSES = 5
 
@@ -31,7 +31,7 @@ def test_registry__builds_supervised_with_its_contract() -> None:
     objective = build_objective("supervised", tiny_vit(), label_smoothing=0.0)
     assert isinstance(objective, Supervised)
     assert get_objective("supervised").needs_labels is True
-    assert Supervised.transform == "supervised" and Supervised.config_group == "supervised"
+    assert Supervised.transform == "supervised" and Supervised.config_groups == {"supervised": SupervisedConfig}
 
 
 def test_smoothed_targets__sum_to_one_and_put_the_rest_on_the_label() -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ssl_vit.config import PretrainConfig, load_config
-from ssl_vit.objectives.distillation import has_checkpoint, load_teacher, train_missing_teacher
+from ssl_vit.engine.teacher import has_checkpoint, load_teacher, train_missing_teacher
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -37,7 +37,7 @@ def test_configs__parse_and_start_with_the_launch_command(path: Path) -> None:
     assert first.startswith("# ") and f"recipes/{recipe}" in first and "->" in first
     cfg = load_config(PretrainConfig, [], default_file=path)
     assert cfg.objective.name == ("deit" if recipe == "deit_pretrain.py" else "supervised")
-    if cfg.distill.train_teacher is not None:  # the teacher config it names exists and is supervised
+    if recipe == "deit_pretrain.py" and cfg.distill.train_teacher is not None:  # the teacher config it names exists and is supervised
         teacher = load_config(PretrainConfig, [], default_file=ROOT / cfg.distill.train_teacher)
         assert teacher.objective.name == "supervised"
 

@@ -56,8 +56,8 @@ def write_half(real_save_file: Any, tensors: dict, path: str, metadata: Any) -> 
 
 def arm(faults: dict[str, str]) -> None:
     from ssl_vit.engine import checkpoint as ckpt
+    from ssl_vit.engine import run as run_mod
     from ssl_vit.engine import trainer as trainer_mod
-    import ssl_vit.objectives as objectives
 
     saves = {"n": 0}
     real_save = trainer_mod.Trainer.save
@@ -71,7 +71,7 @@ def arm(faults: dict[str, str]) -> None:
     if "kill_forward" in faults or "nan_forward" in faults:
         kill_at = int(faults["kill_forward"]) if "kill_forward" in faults else None
         nan_at = {int(x) for x in faults.get("nan_forward", "").split(",") if x}
-        real_build = objectives.build_objective
+        real_build = run_mod.build_objective
 
         def build_objective(*args: Any, **kwargs: Any) -> Any:
             objective = real_build(*args, **kwargs)
@@ -91,7 +91,7 @@ def arm(faults: dict[str, str]) -> None:
             objective.forward = faulty_forward  # the instance attribute wins over the class's forward
             return objective
 
-        objectives.build_objective = build_objective
+        run_mod.build_objective = build_objective  # what run_pretrain calls
 
     real_save_file = ckpt.save_file
     kill_save = faults.get("kill_save")

@@ -29,7 +29,7 @@ from ssl_vit.config import ConfigError
 from ssl_vit.data import DataError
 from ssl_vit.engine.checkpoint import CheckpointError, save_backbone
 from ssl_vit.models import WeightsMismatchError, create_backbone
-from ssl_vit.objectives.distillation import TeacherError
+from ssl_vit.engine.teacher import TeacherError
 
 # Tiny shared settings; a run that got past its checks would train 2 steps.
 TINY = [

@@ -22,7 +22,7 @@ from reliability_common import (
     one_paragraph,
 )
 
-import ssl_vit.objectives as objectives
+import ssl_vit.engine.run as run_mod
 from ssl_vit.engine.trainer import NonFiniteLossError
 
 
@@ -33,7 +33,7 @@ def mae():
 
 def nan_pixels_at(monkeypatch, forwards: set[int], scale_loss: float | None = None) -> None:
     """In those training forwards (1-based), one pixel of the batch is NaN (or the loss is scaled)."""
-    real_build = objectives.build_objective
+    real_build = run_mod.build_objective
 
     def build_objective(*args, **kwargs):
         objective = real_build(*args, **kwargs)
@@ -53,7 +53,7 @@ def nan_pixels_at(monkeypatch, forwards: set[int], scale_loss: float | None = No
         objective.forward = faulty_forward
         return objective
 
-    monkeypatch.setattr(objectives, "build_objective", build_objective)
+    monkeypatch.setattr(run_mod, "build_objective", build_objective)  # what run_pretrain calls
 
 
 @pytest.mark.slow
