@@ -21,6 +21,7 @@ import torch.nn as nn
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
+from ssl_vit.config import ConfigError
 from ssl_vit.data.config import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.engine import checkpoint as ckpt
 from ssl_vit.engine.evaluate import classify
@@ -211,10 +212,11 @@ class Trainer:
             self.total_steps = self.tc.epochs * self.steps_per_epoch
             if self.tc.max_steps is not None:
                 self.total_steps = min(self.total_steps, int(self.tc.max_steps))
-        if self.oc.warmup_steps is not None:
-            self.warmup_steps = int(self.oc.warmup_steps)
-        else:
-            self.warmup_steps = round(self.oc.warmup_epochs * (self.steps_per_epoch or 0))
+        # Schedules follow the run: an "epoch" of every schedule (lr warm-up, an objective's momentum or
+        # temperature) is total_steps / train.epochs optimizer steps, so a run that train.max_steps
+        # shortens keeps each warm-up's share (40 of 400 epochs -> 10% of the steps).
+        self.schedule_steps_per_epoch = self.total_steps / max(self.tc.epochs, 1)
+        self.warmup_steps = self._warmup_steps()
         self.pos = _Position()
         self.last_checkpoint: Path | None = None
         self._last_saved_step = -1
@@ -235,6 +237,26 @@ class Trainer:
         return cosine_schedule(
             step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps, min_lr=self.oc.min_lr
         )
+
+    def _warmup_steps(self) -> int:
+        """optim.warmup_steps as given, else optim.warmup_epochs' share of the run; never the whole run."""
+        if self.oc.warmup_steps is not None:
+            steps, asked = int(self.oc.warmup_steps), f"optim.warmup_steps={self.oc.warmup_steps}"
+        else:
+            steps = round(self.oc.warmup_epochs * self.schedule_steps_per_epoch)
+            asked = f"optim.warmup_epochs={self.oc.warmup_epochs:g} of train.epochs={self.tc.epochs}"
+            if self.steps_per_epoch is not None and self.total_steps < self.tc.epochs * self.steps_per_epoch and steps:
+                log.info(
+                    "train.max_steps=%d ends the run before its %d epochs: the lr warm-up keeps its share, "
+                    "%d of %d steps (%s).", self.total_steps, self.tc.epochs, steps, self.total_steps, asked,
+                )
+        if steps and steps >= self.total_steps:
+            raise ConfigError(
+                f"{asked} gives a warm-up of {steps} optimizer steps, as long as the whole run "
+                f"({self.total_steps} steps): the lr would never leave its warm-up. Lower optim.warmup_epochs "
+                f"(or optim.warmup_steps), or train longer (train.epochs / train.max_steps)."
+            )
+        return steps
 
     def wd_at(self, step: int) -> float:
         """Weight decay of optimizer step `step`: cosine from optim.weight_decay to optim.weight_decay_end (DINO)."""
@@ -535,6 +557,9 @@ class Trainer:
         self._micro_batches = 0
         self._nonfinite_losses = torch.zeros((), device=acc.device)
         self._time_is_up = False
+        on_train_start = getattr(self.unwrapped, "on_train_start", None)
+        if on_train_start is not None:
+            on_train_start(self.total_steps, self.schedule_steps_per_epoch)
 
     def _epoch_loader(self) -> Any:
         set_loader_epoch(self.train_loader, self.pos.epoch)

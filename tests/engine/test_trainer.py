@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from toys import Crash, assert_equal_weights, resume_config, resume_run, toy_config, toy_loader, toy_objective, weights
 
+from ssl_vit.config import ConfigError
 from ssl_vit.engine import NonFiniteLossError, Trainer
 from ssl_vit.engine import trainer as trainer_module
 
@@ -82,13 +83,13 @@ def test_resume__twice_killed_still_equal_and_finished_run_relaunch_adds_nothing
 def test_resume__never_starts_afresh(reference, tmp_path):
     with pytest.raises(Crash):
         resume_run(tmp_path, crash_at=11)
-    summary = resume_run(tmp_path, resume="never", max_steps=1)
-    assert summary["steps"] == 1
+    summary = resume_run(tmp_path, resume="never", max_steps=3)
+    assert summary["steps"] == 3
 
 
 def test_seed__other_seed_gives_other_weights(reference, tmp_path):
     ref_out, _ = reference
-    cfg = resume_config(tmp_path, max_steps=2)
+    cfg = resume_config(tmp_path, max_steps=3)
     cfg.seed = 1
     Trainer(cfg, toy_objective(), toy_loader(n=24, batch_size=2)).fit()
     a, b = weights(tmp_path), weights(ref_out)
@@ -139,7 +140,7 @@ def test_limits__the_first_of_epochs_and_max_steps_ends_the_run(tmp_path, epochs
 
 
 def test_eval__top1_top5_reported_for_a_classifier_backbone(tmp_path):
-    cfg = toy_config(tmp_path, max_steps=2, save_every=0)
+    cfg = toy_config(tmp_path, max_steps=3, save_every=0)
     summary = Trainer(cfg, toy_objective(), toy_loader(), toy_loader(n=10, batch_size=4, shuffle=False, drop_last=False)).fit()
     assert 0.0 <= summary["top1"] <= summary["top5"] == 100.0  # 3 classes: top-5 covers all
 
@@ -154,8 +155,8 @@ def test_mixed_precision__fp16_without_gpu_is_a_clear_error(tmp_path):
 def test_mixed_precision__bf16_on_cpu_without_native_bf16_warns(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger="ssl_vit.engine"):
-        summary = Trainer(toy_config(tmp_path, mixed_precision="bf16", max_steps=1, save_every=0), toy_objective(), toy_loader()).fit()
-    assert "slower" in caplog.text and summary["steps"] == 1
+        summary = Trainer(toy_config(tmp_path, mixed_precision="bf16", max_steps=3, save_every=0), toy_objective(), toy_loader()).fit()
+    assert "slower" in caplog.text and summary["steps"] == 3
 
 
 @pytest.mark.slow
@@ -219,3 +220,16 @@ def test_weight_decay_end__cosine_from_start_to_end_on_decayed_groups_only_as_di
     for (step, groups), expected in zip(Recording.seen, dino):
         assert groups["decay"] == pytest.approx(expected, rel=1e-6), step
         assert groups["no_decay"] == 0.0
+
+
+def test_warmup__keeps_its_share_when_max_steps_shortens_the_run_and_may_not_fill_it(tmp_path, caplog):
+    cfg = toy_config(tmp_path, epochs=10, max_steps=16, save_every=0)  # 8 steps an epoch: 80 planned
+    cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=None, warmup_epochs=2.5)
+    with caplog.at_level(logging.INFO, logger="ssl_vit.engine"):
+        trainer = Trainer(cfg, toy_objective(), toy_loader())
+    assert trainer.total_steps == 16 and trainer.warmup_steps == 4  # 2.5 of 10 epochs = 25% of the run
+    assert "keeps its share, 4 of 16 steps" in caplog.text
+    assert trainer.lr_at(4) == pytest.approx(trainer.peak_lr) and trainer.lr_at(2) == pytest.approx(trainer.peak_lr / 2)
+    cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=16)
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=16 gives a warm-up of 16 .* whole run \(16 steps\)"):
+        Trainer(cfg, toy_objective(), toy_loader())

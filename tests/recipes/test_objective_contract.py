@@ -87,6 +87,9 @@ TWO_VIEW_MODULE = textwrap.dedent(
                 with open(self.hook_log, "a") as f:
                     f.write(f"{os.getpid()} {name} {step} {total_steps}\\n")
 
+        def on_train_start(self, total_steps, steps_per_epoch):
+            self._log("train_start", round(steps_per_epoch * 1000), total_steps)
+
         def on_step_start(self, step, total_steps):
             self._log("start", step, total_steps)
 
@@ -184,8 +187,9 @@ def test_objective_outside_the_package__views_hooks_teacher_export_and_kill_resu
     whole, whole_log = tmp_path / "whole", tmp_path / "whole.log"
     proc = launch(user_module, whole, whole_log)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Each hook once per optimizer step (2 micro-batches each), in order, steps consecutive.
-    assert hook_calls(whole_log) == [once_per_step(range(STEPS))]
+    # Each hook once per optimizer step (2 micro-batches each), in order, steps consecutive; a
+    # schedule "epoch" = total_steps / train.epochs (max_steps=6 of 10 epochs: 0.6 steps).
+    assert hook_calls(whole_log) == [[("train_start", 600), *once_per_step(range(STEPS))]]
     saved = yaml.safe_load((whole / "config.yaml").read_text())
     assert saved["two_view"]["momentum"] == 0.8 and "mae" not in saved and "distill" not in saved
 
@@ -204,8 +208,9 @@ def test_objective_outside_the_package__views_hooks_teacher_export_and_kill_resu
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 2" in proc.stderr
     first, second = hook_calls(broken_log)
-    assert first == once_per_step(range(4))
-    assert second == once_per_step(range(2, STEPS))  # the same step numbers after the resume
+    assert first == [("train_start", 600), *once_per_step(range(4))]
+    # The same step numbers after the resume.
+    assert second == [("train_start", 600), *once_per_step(range(2, STEPS))]
     resumed = load_file(str(broken / "backbone.safetensors"))
     assert set(resumed) == set(exported)
     for key, value in exported.items():

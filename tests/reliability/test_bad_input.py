@@ -43,7 +43,7 @@ TINY = [
 ]
 MAE_TINY = [*TINY, "mae.decoder_dim=16", "mae.decoder_depth=1", "mae.decoder_heads=2"]
 # One whole epoch over every row (no carved eval split), read by the recipe's loader worker process.
-ONE_EPOCH = ["data.val_fraction=0", "data.num_workers=1", "train.max_steps=null", "train.epochs=1"]
+ONE_EPOCH = ["data.val_fraction=0", "data.num_workers=1", "train.max_steps=null", "train.epochs=1", "optim.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
