@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from ssl_vit.bench import BenchEnv, machine_info, machine_label
-    from ssl_vit.models.vit import set_onednn_linear
+    from ssl_vit.ops.linear import set_onednn_linear
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "data":
         run_data(argv[1:])
         return
-    from ssl_vit.models.vit import set_onednn_linear
+    from ssl_vit.ops.linear import set_onednn_linear
 
     threads = torch.get_num_threads()
     try:

@@ -39,7 +39,7 @@ def _version(package: str) -> str | None:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, threads, library versions, GPU name (on CUDA), and the load when measured."""
-    from ssl_vit.models.vit import onednn_linear_enabled
+    from ssl_vit.ops.linear import onednn_linear_enabled
 
     info: dict[str, Any] = {
         "cpu": _cpu_model(),

@@ -153,7 +153,7 @@ def _train_case(
 
 def _maybe_onednn(module: nn.Module, cfg: WorkloadConfig) -> nn.Module:
     if cfg.onednn_objective:
-        from ssl_vit.models.vit import use_onednn_linears
+        from ssl_vit.ops.linear import use_onednn_linears
 
         use_onednn_linears(module)
     return module

@@ -5,35 +5,22 @@ Additions over timm, all key-compatible with timm's state dicts:
   through the blocks, which is how MAE encodes the visible patches alone;
 - an optional distillation token and head (DeiT), the same layout as timm's VisionTransformerDistilled;
 - fixed 2-D sin-cos position embeddings (MAE) as an alternative to learned ones;
-- `OneDNNLinear`: the same fp32 linear layers, computed by oneDNN instead of MKL on CPUs where MKL's
-  sgemm is slow (AMD): 1.4-1.7x faster ViT blocks (forward + backward) on this project's AMD EPYC.
+- its linear layers take oneDNN's CPU path where that measures faster (`ssl_vit.ops.linear`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = [
-    "OneDNNLinear",
-    "ViT",
-    "WeightsMismatchError",
-    "adapt_state_dict",
-    "load_weights",
-    "onednn_linear_enabled",
-    "set_onednn_linear",
-    "sincos_pos_embed_2d",
-    "use_onednn_linears",
-]
+from ssl_vit.ops.linear import use_onednn_linears
+
+__all__ = ["ViT", "WeightsMismatchError", "adapt_state_dict", "load_weights", "sincos_pos_embed_2d"]
 
 
 class WeightsMismatchError(ValueError):
@@ -59,122 +46,6 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], num_prefix_t
     emb = torch.cat([one_axis(grid_w, embed_dim // 2), one_axis(grid_h, embed_dim // 2)], dim=1)
     emb = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64), emb], dim=0)
     return emb.float().unsqueeze(0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Linear layers through oneDNN on CPU
-#
-# PyTorch computes fp32 `F.linear` on CPU with MKL's sgemm. On AMD CPUs MKL takes a generic code path,
-# while oneDNN (also inside PyTorch) dispatches on the CPU's ISA flags and uses its AVX-512 kernels:
-# measured on this project's AMD EPYC (Zen 5, 2 cores), a ViT-Tiny block's forward + backward runs
-# 1.4-1.7x faster, with the same fp32 arithmetic (results equal F.linear's to rounding, ~1e-6).
-# `OneDNNLinear` is an `nn.Linear` (same parameters, same state_dict keys) that takes this path only
-# where it applies: fp32 CPU tensors outside autocast and outside torch.compile/export tracing.
-
-_ONEDNN_ENV = "SSL_VIT_ONEDNN_LINEAR"  # "1": always, "0": never, unset/"auto": on AMD CPUs only
-_onednn_override: bool | None = None
-
-
-@functools.lru_cache(maxsize=1)
-def _onednn_auto() -> bool:
-    """oneDNN's linear exists and the CPU is one where it beats MKL (AMD: MKL's sgemm is generic there)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    setting = os.environ.get(_ONEDNN_ENV, "auto").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    if setting in ("1", "true", "yes", "on"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
-
-
-def set_onednn_linear(enabled: bool | None) -> None:
-    """Force oneDNN linears on (True) or off (False) in this process; None: back to the automatic choice."""
-    global _onednn_override
-    _onednn_override = enabled
-
-
-def onednn_linear_enabled() -> bool:
-    """Whether `OneDNNLinear` layers currently compute fp32 CPU matmuls with oneDNN."""
-    if _onednn_override is not None:
-        return _onednn_override and torch.backends.mkldnn.is_available()
-    return _onednn_auto()
-
-
-def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b_t.T (+ bias) by oneDNN: a (..., K), b_t (N, K) -> (..., N); strided views are fine."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
-
-
-class _OneDNNLinearFn(torch.autograd.Function):
-    """y = x W^T + b with oneDNN matmuls forward and backward: x (..., K), W (N, K), b (N,)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_mm(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_mm(g, weight.t()).view(x.shape)  # (M, N) @ (N, K): no copy of W^T needed
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-            # oneDNN first copies its (transposed) left operand into a dense buffer: make that the
-            # narrower of x and g (up to 1.3x faster for qkv / fc1, where K < N).
-            if x2.shape[1] < g.shape[1]:
-                grad_w = _onednn_mm(x2.t(), g.t()).t().contiguous()  # ((K, M) @ (M, N))^T
-            else:
-                grad_w = _onednn_mm(g.t(), x2.t())  # (N, M) @ (M, K)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def _plain(t: torch.Tensor | None) -> bool:
-    # Tensor subclasses (DTensor, FakeTensor) and torch.func transforms (vmap, grad) keep PyTorch's kernels.
-    if t is None:
-        return True
-    return type(t) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-class OneDNNLinear(nn.Linear):
-    """`nn.Linear` whose fp32 CPU matmuls run through oneDNN when `onednn_linear_enabled()`; else F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (
-            not torch.compiler.is_compiling()  # first: torch.compile traces F.linear, nothing below
-            and not torch.jit.is_scripting()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and w.dtype == torch.float32
-            and x.numel() > 0
-            and onednn_linear_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and _plain(x)
-            and _plain(w)
-            and _plain(self.bias)
-        ):
-            return _OneDNNLinearFn.apply(x, w, self.bias)
-        return F.linear(x, w, self.bias)
-
-
-def use_onednn_linears(module: nn.Module) -> nn.Module:
-    """Turn every plain `nn.Linear` inside `module` into a `OneDNNLinear` (in place; weights untouched)."""
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = OneDNNLinear
-    return module
 
 
 class ViT(VisionTransformer):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_vit.bench import count_flops
-from ssl_vit.models.vit import OneDNNLinear, set_onednn_linear
+from ssl_vit.ops.linear import OneDNNLinear, set_onednn_linear
 
 
 @pytest.fixture

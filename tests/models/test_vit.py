@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -226,3 +228,36 @@ def test_drop_path__stochastic_in_train_deterministic_in_eval():
     assert not torch.allclose(a, b)
     model.eval()
     torch.testing.assert_close(model.forward_features(x), model.forward_features(x))
+
+
+# -- linear layers: plain nn.Linear unless the oneDNN path is on (ssl_vit.ops.linear) ---------------
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_backbone__linear_layers_follow_the_onednn_setting_keys_unchanged(monkeypatch, setting):
+    from ssl_vit.ops.linear import OneDNNLinear
+
+    monkeypatch.setenv("SSL_VIT_ONEDNN_LINEAR", setting)
+    expected = OneDNNLinear if setting == "1" else torch.nn.Linear
+    model = create_backbone("deit_nano_distilled_patch4_32", num_classes=5, depth=2, embed_dim=32, num_heads=2)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is expected for m in linears)
+    assert "blocks.0.attn.qkv.weight" in model.state_dict() and "head_dist.weight" in model.state_dict()
+    model.reset_classifier(7)
+    assert type(model.head) is expected and type(model.head_dist) is expected
+    assert type(copy.deepcopy(model).head) is expected
+
+
+def test_backbone__training_step_on_onednn_equals_plain_pytorch(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    grads = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("SSL_VIT_ONEDNN_LINEAR", setting)
+        torch.manual_seed(0)
+        model = create_backbone("vit_nano_patch4_32", num_classes=10, depth=2, embed_dim=32, num_heads=2)
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
