@@ -5,6 +5,8 @@ Additions over timm, all key-compatible with timm's state dicts:
   through the blocks, which is how MAE encodes the visible patches alone;
 - an optional distillation token and head (DeiT), the same layout as timm's VisionTransformerDistilled;
 - fixed 2-D sin-cos position embeddings (MAE) as an alternative to learned ones;
+- `dynamic_img_size=True` as in timm: inputs of any size divisible by the patch size (DINO's local
+  crops), position embeddings resampled to each input's patch grid;
 - its linear layers take oneDNN's CPU path where that measures faster (`ssl_vit.ops.linear`).
 """
 
@@ -54,11 +56,18 @@ class ViT(VisionTransformer):
     Args beyond timm's: `distilled` adds `dist_token` and `head_dist` (timm's
     `deit_*_distilled_*` layout); `pos_embed="sincos"` stores fixed sin-cos values in the usual
     `pos_embed` parameter with `requires_grad=False`.
+
+    `dynamic_img_size=True` (timm's argument, same numbers as timm's model with it): an input whose
+    patch grid differs from `img_size`'s gets `pos_embed` resampled to its grid (bicubic, antialiased;
+    class / distillation token entries kept), as timm and DINO do. Sin-cos embeddings are resampled
+    too, not recomputed for the new grid: the weights then give timm's features, and a smaller crop
+    keeps spanning the same range of positions as the full image. `ids_keep` indexes the input's own
+    patch grid (row-major, h * w patches).
     """
 
     def __init__(self, *, distilled: bool = False, pos_embed: str = "learn", **kwargs: Any) -> None:
-        if kwargs.get("reg_tokens", 0) or kwargs.get("dynamic_img_size", False):
-            raise ValueError("ssl_vit's backbone supports neither register tokens nor dynamic image sizes.")
+        if kwargs.get("reg_tokens", 0):
+            raise ValueError("ssl_vit's backbone does not support register tokens (reg_tokens).")
         if pos_embed not in ("learn", "sincos"):
             raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
         if distilled and kwargs.get("global_pool", "token") != "token":
@@ -118,13 +127,23 @@ class ViT(VisionTransformer):
 
     def _embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
         """Patch tokens + positions, kept patches only, prefix tokens in front: (B, P + K, D)."""
-        x = self.patch_embed(x)  # (B, N, D)
+        x = self.patch_embed(x)  # (B, N, D); (B, h, w, D) with dynamic_img_size
+        pos_embed = self.pos_embed  # (1, [P +] N, D)
+        if self.dynamic_img_size:
+            b, h, w, d = x.shape
+            pos_embed = resample_abs_pos_embed(  # timm's call: a no-op on the native grid
+                pos_embed,
+                new_size=(h, w),
+                old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            )
+            x = x.view(b, h * w, d)
         prefix_pos = None
         if self.no_embed_class:
-            x = x + self.pos_embed
+            x = x + pos_embed
         else:
-            prefix_pos = self.pos_embed[:, : self.num_prefix_tokens]
-            x = x + self.pos_embed[:, self.num_prefix_tokens :]
+            prefix_pos = pos_embed[:, : self.num_prefix_tokens]
+            x = x + pos_embed[:, self.num_prefix_tokens :]
         if ids_keep is not None:  # gather once: (B, K, D)
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         prefix = [self.cls_token] if self.cls_token is not None else []
@@ -138,7 +157,10 @@ class ViT(VisionTransformer):
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Tokens after the final norm: (B, P + N, D), or (B, P + K, D) for `ids_keep` of shape (B, K)."""
+        """Tokens after the final norm: (B, P + N, D), or (B, P + K, D) for `ids_keep` of shape (B, K).
+
+        `ids_keep` holds indices into the input's patch grid (N = h * w of this input's size).
+        """
         x = self._embed(x, ids_keep)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
