@@ -37,22 +37,40 @@ def check_output_dir(path: Any) -> None:
         ) from None
 
 
-def _backbone(cfg: Any, num_classes: int) -> nn.Module:
-    """`model.*`: a fresh backbone, or one rebuilt from `model.checkpoint` (architecture and weights)."""
+def _objective_defaults(cfg: Any, objective: type) -> dict[str, Any]:
+    """The objective's `backbone_defaults` that the user left unset (model.* None, not in model.args); logged."""
+    m = cfg.model
+    applied = {}
+    for key, value in (getattr(objective, "backbone_defaults", None) or {}).items():
+        if key in m.args or getattr(m, key, None) is not None:
+            continue
+        applied[key] = value
+    if applied:
+        shown = ", ".join(f"{k}={v}" for k, v in applied.items())
+        log.info("objective %s sets the backbone's %s (set model.* / model.args to choose otherwise)", cfg.objective.name, shown)
+    return applied
+
+
+def _backbone(cfg: Any, objective: type, num_classes: int) -> nn.Module:
+    """`model.*`: a fresh backbone, or one rebuilt from `model.checkpoint` (architecture and weights);
+    the objective's backbone defaults (MAE: fixed sin-cos positions) where the user set nothing."""
     m = cfg.model
     img_size = m.img_size or cfg.data.image_size
+    defaults = _objective_defaults(cfg, objective)
     if m.checkpoint:
-        return load_backbone(m.checkpoint, m, num_classes=num_classes, img_size=img_size)
-    return create_model(
-        m.name,
+        defaults.pop("pos_embed", None)  # the checkpoint's own positions (learned or fixed) stay as trained
+        return load_backbone(m.checkpoint, m, num_classes=num_classes, img_size=img_size, **defaults)
+    kwargs = dict(
         img_size=img_size,
         patch_size=m.patch_size,
         pos_embed=m.pos_embed,
         global_pool=m.global_pool,
         drop_path_rate=m.drop_path_rate,
         num_classes=num_classes,
-        **dict(m.args),
     )
+    kwargs.update(m.args)  # any other keyword of timm's VisionTransformer; wins over model.*
+    kwargs.update(defaults)
+    return create_model(m.name, **kwargs)
 
 
 def build_run_objective(cfg: Any, num_classes: int) -> nn.Module:
@@ -61,7 +79,7 @@ def build_run_objective(cfg: Any, num_classes: int) -> nn.Module:
     The objective initialises its own modules as its paper does (MAE re-initialises the backbone);
     a `model.checkpoint`'s weights are then put back, so continued pretraining starts from them.
     """
-    backbone = _backbone(cfg, num_classes)
+    backbone = _backbone(cfg, get_objective(cfg.objective.name), num_classes)
     loaded = {k: v.clone() for k, v in backbone.state_dict().items()} if cfg.model.checkpoint else None
     objective = build_objective(cfg.objective.name, backbone, **objective_kwargs(cfg, get_objective(cfg.objective.name)))
     if loaded is not None:

@@ -104,7 +104,7 @@ def load_eval_backbone(
     the spread of the random-init floor too. The image size defaults to `data.image_size`.
     `frozen=True` (kNN, probe): a checkpoint keeps its saved pooling, drop path and head (only the
     image size follows the config). `frozen=False` (fine-tune): `model.global_pool`, `model.drop_path_rate`
-    and a `num_classes` head apply too.
+    and a `num_classes` head apply too, and the position embedding is learned from the checkpoint's values.
     """
     from ssl_vit.engine import load_backbone
 
@@ -115,7 +115,9 @@ def load_eval_backbone(
         return load_backbone("random", model_cfg, num_classes=num_classes)
     if frozen:  # the saved head stays (features are pre-logits, it is never used): a strict load of any model
         return load_backbone(checkpoint, _ImageSizeOnly(img_size), num_classes=None)
-    return load_backbone(checkpoint, model_cfg, num_classes=num_classes)
+    # Fine-tuning learns the position embedding, starting from the checkpoint's values (MAE's fixed
+    # sin-cos ones included), as facebookresearch/mae and DeiT fine-tune.
+    return load_backbone(checkpoint, model_cfg, num_classes=num_classes, pos_embed="learn")
 
 
 def make_accelerator(output_dir: str | Path, mixed_precision: str | None = None) -> Any:

@@ -14,8 +14,9 @@ class ModelConfig:
     img_size: Optional[int] = None
     # None: the size's own patch size (the number in its name).
     patch_size: Optional[int] = None
-    # "learn": learned position embeddings (ViT, DeiT); "sincos": fixed 2-D sin-cos (MAE).
-    pos_embed: Literal["learn", "sincos"] = "learn"
+    # "learn": learned position embeddings (ViT, DeiT); "sincos": fixed 2-D sin-cos (MAE). None: the
+    # objective's default (MAE: sincos), else learned. Fine-tuning always learns it (from the checkpoint's values).
+    pos_embed: Optional[Literal["learn", "sincos"]] = None
     # "token": class token; "avg": average of patch tokens (+ fc_norm), MAE's fine-tune choice.
     global_pool: Literal["token", "avg"] = "token"
     drop_path_rate: float = 0.0

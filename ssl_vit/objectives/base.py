@@ -37,6 +37,9 @@ class Objective(Protocol):
     - `needs_labels` (False): the data must have labels (they arrive as `batch["labels"]`).
     - `transform` ("supervised"): a built-in transform by name ("mae", "supervised", "eval"), used
       when the objective has no `train_transform`.
+    - `backbone_defaults` ({}): backbone settings the method's paper uses (MAE `{"pos_embed": "sincos"}`,
+      DINO `{"dynamic_img_size": True}`), applied where the user set nothing (`model.*` left None, the
+      key not in `model.args`); the run's log says which were applied.
     - `config_groups` ({}): `{"group": Dataclass}`; each dataclass's fields become config keys
       `group.field` and the objective's constructor keyword arguments (several groups merge in order).
       Without groups, the constructor takes `objective.args`.

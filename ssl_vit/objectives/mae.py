@@ -52,6 +52,8 @@ class MAE(nn.Module):
     needs_labels: ClassVar[bool] = False
     transform: ClassVar[str] = "mae"  # RandomResizedCrop(0.2-1) + flip
     config_groups: ClassVar[dict[str, type]] = {"mae": MAEConfig}
+    # Unless model.pos_embed says otherwise: MAE's encoder uses fixed 2-D sin-cos positions.
+    backbone_defaults: ClassVar[dict[str, object]] = {"pos_embed": "sincos"}
     norm_pix_eps: ClassVar[float] = 1e-6  # MAE's and HF's epsilon under the per-patch std
 
     def __init__(

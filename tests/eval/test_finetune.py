@@ -75,3 +75,53 @@ def test_fresh_head__replaces_a_trained_head_of_the_same_size():
         model.head.weight.fill_(1.0)
     fresh_head(model, 4)
     assert model.head.weight.abs().max().item() < 1e-3
+
+
+def _mae_run(folder, **spec):
+    from ssl_vit.engine import save_backbone
+
+    backbone = create_backbone("vit_nano_patch4_32", depth=3, embed_dim=64, num_heads=2, img_size=16, pos_embed="sincos", **spec)
+    save_backbone(backbone, folder)
+    return folder, backbone.pos_embed.detach().clone()
+
+
+def _official_mae(folder):
+    """A facebookresearch/mae pretrain checkpoint: {"model": encoder (timm names, fixed sin-cos pos_embed) + decoder}."""
+    from ssl_vit.models import sincos_pos_embed_2d
+
+    timm_vit = __import__("timm").create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=3, embed_dim=64, num_heads=2)
+    state = timm_vit.state_dict()
+    state["pos_embed"] = sincos_pos_embed_2d(64, (4, 4), 1)
+    state.update({  # a decoder of no blocks: models_mae.py's other decoder keys
+        "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed": sincos_pos_embed_2d(32, (4, 4), 1),
+        "decoder_embed.weight": torch.zeros(32, 64), "decoder_embed.bias": torch.zeros(32),
+        "decoder_norm.weight": torch.ones(32), "decoder_norm.bias": torch.zeros(32),
+        "decoder_pred.weight": torch.zeros(4 * 4 * 3, 32), "decoder_pred.bias": torch.zeros(4 * 4 * 3),
+    })
+    folder.mkdir()
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("head.")}}, folder / "mae_pretrain.pth")
+    return folder / "mae_pretrain.pth", state["pos_embed"]
+
+
+def _timm_checkpoint(folder):
+    from safetensors.torch import save_file
+
+    timm_vit = __import__("timm").create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=3, embed_dim=64, num_heads=2)
+    folder.mkdir()
+    save_file(timm_vit.state_dict(), str(folder / "model.safetensors"))
+    return folder / "model.safetensors", timm_vit.pos_embed.detach().clone()
+
+
+@pytest.mark.parametrize("make", [_mae_run, _official_mae, _timm_checkpoint], ids=["mae_run", "official_mae", "timm"])
+def test_finetune__learns_the_position_embedding_starting_from_the_checkpoints_values(tmp_path, make):
+    from ssl_vit.engine import Trainer
+
+    checkpoint, saved = make(tmp_path / "ckpt")
+    cfg = load_config(FinetuneEvalConfig, [*TINY, f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'ft'}",
+                                           "train.batch_size=4", "train.max_steps=2", "optim.warmup_epochs=0",
+                                           "optim.blr=0.5", "train.save_every=0", "train.eval_every=0"])
+    objective = build_finetune_objective(cfg, num_classes=3, seed=0)
+    pos = objective.backbone.pos_embed
+    assert pos.requires_grad and torch.equal(pos.detach(), saved)  # MAE's fixed sin-cos values, now learned
+    Trainer(cfg, objective, DataLoader(_Images(), batch_size=4, drop_last=True)).fit()
+    assert not torch.equal(objective.backbone.pos_embed.detach(), saved)
