@@ -233,3 +233,18 @@ def test_warmup__keeps_its_share_when_max_steps_shortens_the_run_and_may_not_fil
     cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=16)
     with pytest.raises(ConfigError, match=r"optim.warmup_steps=16 gives a warm-up of 16 .* whole run \(16 steps\)"):
         Trainer(cfg, toy_objective(), toy_loader())
+
+
+def test_mae_cifar10_config_shortened_to_1100_steps__peaks_at_step_110(tmp_path):
+    """The issue's case: 40 of 400 warm-up epochs keep their 10% when train.max_steps=1100 ends the run."""
+    from pathlib import Path
+
+    from ssl_vit.config import PretrainConfig, load_config
+
+    yaml_file = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "mae_vit_tiny_cifar10.yaml"
+    cfg = load_config(PretrainConfig, ["train.max_steps=1100", f"output_dir={tmp_path}"], default_file=yaml_file)
+    cfg.train = dataclasses.replace(cfg.train, batch_size=4, grad_accum_steps=1)  # toy data in place of CIFAR-10
+    trainer = Trainer(cfg, toy_objective(), toy_loader(n=64, batch_size=4))  # 16 steps an epoch: 6400 planned
+    assert trainer.total_steps == 1100 and trainer.warmup_steps == 110
+    lrs = [trainer.lr_at(step) for step in range(1100)]
+    assert max(lrs) == lrs[110] == pytest.approx(trainer.peak_lr) and lrs[109] < lrs[110]
