@@ -2,8 +2,9 @@
 
     python tools/compare.py --plan recipes/configs/compare/compare_default.yaml [--out DIR] [--dry-run] [--only NAME]
 
-Runs what the plan still needs (completed runs are skipped, so rerunning resumes a crashed plan), then
-writes OUT/results.md, results.csv, results.json, accuracy.png and loss_curves.png. Exit status: 0 when
+Runs what the plan still needs (completed runs are skipped, so rerunning resumes a crashed plan, and
+adding pretraining seeds to `pretrain_seeds` runs only the new seeds), then writes OUT/results.md,
+results.csv, results_runs.csv, results.json, accuracy.png and loss_curves.png. Exit status: 0 when
 every run completed, 1 when some failed (the rest is still written), 2 for a plan error.
 """
 
@@ -24,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would run (and what is complete); run nothing")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
-                        help="run only this method, evaluation, or method/evaluation (repeatable); the table still "
-                             "shows everything already done")
+                        help="run only this method, evaluation, method/evaluation, or one seed's run (mae@seed1) "
+                             "(repeatable); the table still shows everything already done")
     args = parser.parse_args(argv)
     try:
         code, _ = run_comparison(args.plan, args.out, dry_run=args.dry_run, only=args.only)

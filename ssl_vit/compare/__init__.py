@@ -3,8 +3,10 @@
     python tools/compare.py --plan recipes/configs/compare/compare_default.yaml [--out DIR] [--dry-run]
 
 `run_comparison` loads a plan (`plan.py`), runs what is missing as subprocesses (`runner.py`), reads
-every metrics.json, pretraining summary and loss curve (`collect.py`), and writes results.md/.csv/.json
-(`report.py`) and PNG plots (`plots.py`) into the output folder.
+every metrics.json, pretraining summary and loss curve (`collect.py`), summarizes the runs of each
+method over its pretraining seeds (`stats.py`: mean, std, 95% t-interval, Welch's t-test against each
+column's best), and writes results.md/.csv/.json (`report.py`) and PNG plots (`plots.py`) into the
+output folder.
 """
 
 from __future__ import annotations
@@ -51,14 +53,24 @@ def output_dir(plan: ComparePlan, out: Optional[str | Path] = None) -> Path:
     return Path(out or plan.out or Path("outputs") / "compare" / plan.name)
 
 
+def _names(run: Run) -> set[str]:
+    """What `--only` may call a run: its method, its column, method/column, and the same with its seed
+    label (`mae@seed1`, `mae@seed1/knn`)."""
+    label = run.label or run.method
+    names = {run.method, label}
+    if run.column:
+        names |= {run.column, f"{run.method}/{run.column}", f"{label}/{run.column}"}
+    return names
+
+
 def select_runs(runs: list[Run], only: Iterable[str]) -> set[str]:
-    """Run ids picked by `--only` names (a method, an eval column, or method/column) plus what they need."""
+    """Run ids picked by `--only` names (a method, an eval column, method/column, or a seed's run such as
+    mae@seed1) plus what they need."""
     by_id = {r.id: r for r in runs}
     picked: set[str] = set()
-    names = {r.method for r in runs} | {r.column for r in runs if r.column} | {
-        r.id.split("/", 1)[1] for r in runs if r.kind == "eval"}
+    names = set().union(*(_names(r) for r in runs))
     for name in only:
-        hits = [r.id for r in runs if name in (r.method, r.column) or r.id.endswith("/" + name) and "/" in name]
+        hits = [r.id for r in runs if name in _names(r)]
         if not hits:
             close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.5)
             hint = f", did you mean '{close[0]}'?" if close else f" (names: {', '.join(sorted(names))})."
@@ -97,10 +109,11 @@ def run_comparison(
     out_dir = output_dir(plan, out).resolve()
     runs = resolve_runs(plan, out_dir)
     selected = select_runs(runs, only) if only else None
-    helpers = sum(r.kind != "eval" and not r.evaluate for r in runs)
-    echo(f"comparison '{plan.name}': {sum(r.kind != 'eval' and r.evaluate for r in runs)} methods"
+    helpers = len({r.method for r in runs if r.kind != "eval" and not r.evaluate})
+    seeds = f" x {len(plan.pretrain_seeds)} pretraining seeds {plan.pretrain_seeds}" if plan.pretrain_seeds else ""
+    echo(f"comparison '{plan.name}': {len({r.method for r in runs if r.kind != 'eval' and r.evaluate})} methods"
          + (f" (+ {helpers} helper run{'s' if helpers > 1 else ''})" if helpers else "")
-         + f", {len(plan.evaluations)} evaluations, {len(runs)} runs -> {out_dir}")
+         + f"{seeds}, {len(plan.evaluations)} evaluations, {len(runs)} runs -> {out_dir}")
     if not dry_run:
         out_dir.mkdir(parents=True, exist_ok=True)
         if source is not None:

@@ -8,6 +8,13 @@ Fairness by construction: `shared` settings (data, model size, ...) go to every 
 settings go to every method's evaluation of that protocol, the seeds are the same for every method,
 and the budget gives each pretraining the same images seen (or wall-clock, or epochs). An entry that
 overrides a shared key is allowed but reported in the results (a visible exception, not a silent one).
+
+Pretraining seeds (`pretrain_seeds: [0, 1, 2]`): every pretraining entry runs once per seed (its
+`seed=` key: init, data order, masks), in `pretrain/<name>` for the seed the entry runs without the
+plan's list (its config's seed; so a single-seed comparison's runs are found again) and
+`pretrain/<name>@seed<s>` for the others; `${name}` means the same seed's run of `name`. Each run is
+evaluated with the plan's eval seeds under `eval/<name>[@seed<s>]/<column>`. A random init has no
+pretraining: its init seed plays that part (see `resolve_runs`).
 """
 
 from __future__ import annotations
@@ -123,6 +130,9 @@ class ComparePlan:
     pretrain_shared: dict = field(default_factory=dict)
     # Evaluation seeds, the same for every method (each eval recipe gets seeds=[...]).
     seeds: list[int] = field(default_factory=lambda: [0])
+    # Pretraining seeds: each pretraining entry runs once per seed (seed=<s>) and the table gives the mean,
+    # std and 95% t-interval over them. None: one run per entry with its config's seed (no interval).
+    pretrain_seeds: Optional[list[int]] = None
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     pretrain: list[dict] = field(default_factory=list)
@@ -166,6 +176,10 @@ def plan_from_dict(data: dict, source: str = "plan") -> ComparePlan:
         raise ConfigError(f"{source}: 'evaluations' lists no entries: add e.g. '- protocol: knn'.")
     if not plan.seeds or len(set(plan.seeds)) != len(plan.seeds):
         raise ConfigError(f"{source}: 'seeds' must be distinct integers, e.g. [0, 1, 2]; got {plan.seeds}.")
+    seeds = plan.pretrain_seeds
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{source}: 'pretrain_seeds' must be distinct integers, e.g. [0, 1, 2] "
+                          f"(or leave it out for one run per entry); got {seeds}.")
     plan.pretrain = [_pretrain_entry(e, f"{source}: pretrain[{i}]") for i, e in enumerate(plan.pretrain)]
     plan.evaluations = [_eval_entry(e, f"{source}: evaluations[{i}]") for i, e in enumerate(plan.evaluations)]
     _check_names([e.name for e in plan.pretrain], "pretrain", source)
@@ -177,6 +191,15 @@ def plan_from_dict(data: dict, source: str = "plan") -> ComparePlan:
         )
     for key in ("shared", "pretrain_shared"):
         _check_overrides(getattr(plan, key), f"{source}: {key}")
+    if seeds is not None:
+        pinned = ["pretrain_shared"] if "seed" in flatten_overrides(plan.pretrain_shared) else []
+        pinned += [f"pretrain entry '{e.name}'" for e in plan.pretrain  # type: ignore[union-attr]
+                   if "seed" in flatten_overrides(e.overrides)]  # type: ignore[union-attr]
+        if pinned:
+            raise ConfigError(
+                f"{source}: {', '.join(pinned)} sets 'seed', which pretrain_seeds {seeds} sets for every "
+                f"pretraining run; remove it (or drop pretrain_seeds)."
+            )
     return plan
 
 
@@ -291,7 +314,7 @@ _REF = re.compile(r"\$\{([A-Za-z0-9_.+-]+)\}")
 class Run:
     """One subprocess to run (or a checkpoint to take as it is), with what it depends on."""
 
-    id: str  # "pretrain/mae", "eval/mae/knn"
+    id: str  # "pretrain/mae", "eval/mae/knn", "pretrain/mae@seed1", "eval/mae@seed1/knn"
     kind: Literal["pretrain", "eval", "checkpoint"]
     method: str  # the pretrain entry's name (the table's row)
     column: Optional[str]  # the eval entry's name (the table's column); None for pretraining
@@ -305,6 +328,12 @@ class Run:
     budget: dict = field(default_factory=dict)  # pretraining: what the budget resolved to
     exceptions: list[str] = field(default_factory=list)  # shared keys this entry overrides
     evaluate: bool = True
+    # The pretraining seed (of this run, or of the run an eval judges); None: the config's own (not varied).
+    seed: Optional[int] = None
+    # The method's run it belongs to: "mae" (its config's seed) or "mae@seed1".
+    label: str = ""
+    # Eval of a random init under pretrain_seeds: each of its eval seeds draws another init, so each is a run.
+    seeds_are_inits: bool = False
 
     def command(self, launcher: LauncherConfig, python: str) -> list[str]:
         """The full command line (launcher + script + args)."""
@@ -421,109 +450,177 @@ def _substitute(value: Any, dirs: dict[str, Path], where: str, refs: set[str]) -
 
 
 def resolve_runs(plan: ComparePlan, out: Path) -> list[Run]:
-    """Every run of the plan, in an order that respects dependencies (pretraining first)."""
+    """Every run of the plan, in an order that respects dependencies.
+
+    Seed by seed (so an interrupted comparison has whole seeds done): that seed's pretraining runs, then
+    their evaluations. A random init is evaluated once, with the pretraining seeds as its eval seeds (the
+    eval recipes draw the random backbone from the eval seed): each eval seed is then one init.
+    """
     out = Path(out).resolve()
     launcher = plan.launcher
     nproc = (launcher.num_processes or 1) if launcher.kind == "accelerate" else 1
     entries: list[PretrainEntry] = plan.pretrain  # type: ignore[assignment]
-    dirs = {e.name: _entry_dir(e, out) for e in entries}
-    dirs["out"] = out  # ${out}: the comparison's own folder (e.g. a feature cache every eval shares)
     only_out = {"out": out}  # shared settings reach every run: they may name the folder, not an entry
     shared = {k: _substitute(v, only_out, "shared", set()) for k, v in flatten_overrides(plan.shared).items()}
     pre_shared = {**shared, **{k: _substitute(v, only_out, "pretrain_shared", set())
                                for k, v in flatten_overrides(plan.pretrain_shared).items()}}
+    seeds: list[Optional[int]] = list(plan.pretrain_seeds) if plan.pretrain_seeds is not None else [None]
+    base_seeds: dict[str, Optional[int]] = {}
+    if plan.pretrain_seeds is not None:
+        plain = {**{e.name: out / "pretrain" / e.name for e in entries}, "out": out}
+        base_seeds = {e.name: _base_seed(e, i, plain, pre_shared) for i, e in enumerate(entries)}
 
-    pretrain_runs: dict[str, Run] = {}
-    for i, entry in enumerate(entries):
-        where = f"pretrain[{i}] ('{entry.name}')"
-        if entry.checkpoint is not None:
-            ckpt = entry.checkpoint
-            if ckpt != "random" and not Path(ckpt).expanduser().exists():
-                raise ConfigError(f"{where}: checkpoint '{ckpt}' not found: give a run folder, a file, or random.")
-            path = ckpt if ckpt == "random" else str(Path(ckpt).expanduser().resolve())
-            pretrain_runs[entry.name] = Run(
-                id=f"pretrain/{entry.name}", kind="checkpoint", method=entry.name, column=None, protocol=None,
-                output_dir=dirs[entry.name], script=None, args=[], depends=[], checkpoint=path,
-                fingerprint=_fingerprint(None, None, [path], []), evaluate=entry.evaluate,
-            )
-            continue
-        recipe = entry.recipe or "pretrain"
-        script = _find_recipe(recipe, where)
-        config = _find_config(entry.config, script, where)
-        preset = [f"objective.name={format_value(entry.objective)}"] if entry.objective else []
-        refs: set[str] = set()
-        own = {k: _substitute(v, dirs, where, refs) for k, v in flatten_overrides(entry.overrides).items()}
-        merged = {**pre_shared, **own}
-        budget_keys, budget_info = _budget_overrides(plan.budget, script, config, preset, merged, nproc, where)
-        clash = sorted(set(own) & set(budget_keys))
-        if clash:
-            raise ConfigError(
-                f"{where}.overrides: {', '.join(clash)} is set by the plan's budget ({plan.budget.kind}) so that "
-                f"every method gets the same; remove it from the entry (or change the budget)."
-            )
-        exceptions = sorted(k for k in own if k in pre_shared and own[k] != pre_shared[k])
-        # resume=auto: a run cut short (crash, timeout) continues from checkpoint-last when rerun.
-        resume = {"train.resume": "auto"} if _schema_for(script) is not None else {}
-        overrides = {**resume, **merged, **budget_keys, "output_dir": str(dirs[entry.name])}
-        _resolve_config(script, config, preset, overrides, where)  # fail now, not after an hour
-        args = [*preset, *(["--config", str(config)] if config else []), *_kv(overrides)]
-        pretrain_runs[entry.name] = Run(
-            id=f"pretrain/{entry.name}", kind="pretrain", method=entry.name, column=None, protocol=None,
-            output_dir=dirs[entry.name], script=script, args=args,
-            depends=[f"pretrain/{r}" for r in sorted(refs)],
-            fingerprint=_fingerprint(script, config, args, []), checkpoint=str(dirs[entry.name]),
-            budget=budget_info, exceptions=exceptions, evaluate=entry.evaluate,
-        )
+    def labels(seed: Optional[int]) -> dict[str, str]:
+        """Entry name -> its run's folder name for this seed (checkpoint entries have one run)."""
+        return {e.name: e.name if seed is None or e.checkpoint is not None or seed == base_seeds[e.name]
+                else f"{e.name}@seed{seed}" for e in entries}
+
+    pretrain_runs: dict[str, Run] = {}  # by run id
+    per_seed: list[tuple[dict[str, str], list[Run]]] = []
+    for seed in seeds:
+        names = labels(seed)
+        runs = [_pretrain_run(plan, i, entry, seed, names, out, pre_shared, nproc)
+                for i, entry in enumerate(entries) if entry.checkpoint is None or seed == seeds[0]]
+        pretrain_runs.update((r.id, r) for r in runs)
+        per_seed.append((names, runs))
     for run in pretrain_runs.values():
         _check_cycle(run, pretrain_runs)
 
+    ordered: list[Run] = []
+    for names, runs in per_seed:
+        ordered += _ordered(runs)
+        ordered += _eval_runs(plan, entries, {r.method: r for r in runs}, pretrain_runs, names, shared, out)
+    return ordered
+
+
+def _base_seed(entry: PretrainEntry, i: int, dirs: dict[str, Path], pre_shared: dict[str, Any]) -> Optional[int]:
+    """The seed an entry's pretraining runs with when the plan sets none: the one its `pretrain/<name>`
+    folder holds (None: a checkpoint, or a script whose config we cannot read that sets no seed)."""
+    if entry.checkpoint is not None:
+        return None
+    where = f"pretrain[{i}] ('{entry.name}')"
+    script = _find_recipe(entry.recipe or "pretrain", where)
+    preset = [f"objective.name={format_value(entry.objective)}"] if entry.objective else []
+    own = {k: _substitute(v, dirs, where, set()) for k, v in flatten_overrides(entry.overrides).items()}
+    merged = {**pre_shared, **own}
+    cfg = _resolve_config(script, _find_config(entry.config, script, where), preset, merged, where)
+    seed = cfg.seed if cfg is not None else merged.get("seed")
+    return seed if isinstance(seed, int) else None
+
+
+def _pretrain_run(
+    plan: ComparePlan,
+    i: int,
+    entry: PretrainEntry,
+    seed: Optional[int],
+    labels: dict[str, str],
+    out: Path,
+    pre_shared: dict[str, Any],
+    nproc: int,
+) -> Run:
+    """The run of one pretrain entry (for one seed), or the checkpoint it names."""
+    where = f"pretrain[{i}] ('{entry.name}')"
+    dirs = {**{name: out / "pretrain" / label for name, label in labels.items()}, "out": out}
+    label = labels[entry.name]
+    if entry.checkpoint is not None:
+        ckpt = entry.checkpoint
+        if ckpt != "random" and not Path(ckpt).expanduser().exists():
+            raise ConfigError(f"{where}: checkpoint '{ckpt}' not found: give a run folder, a file, or random.")
+        path = ckpt if ckpt == "random" else str(Path(ckpt).expanduser().resolve())
+        return Run(
+            id=f"pretrain/{entry.name}", kind="checkpoint", method=entry.name, column=None, protocol=None,
+            output_dir=dirs[entry.name], script=None, args=[], depends=[], checkpoint=path,
+            fingerprint=_fingerprint(None, None, [path], []), evaluate=entry.evaluate, label=entry.name,
+        )
+    recipe = entry.recipe or "pretrain"
+    script = _find_recipe(recipe, where)
+    config = _find_config(entry.config, script, where)
+    preset = [f"objective.name={format_value(entry.objective)}"] if entry.objective else []
+    refs: set[str] = set()
+    own = {k: _substitute(v, dirs, where, refs) for k, v in flatten_overrides(entry.overrides).items()}
+    merged = {**pre_shared, **own}
+    if label != entry.name:
+        # Only where the run's seed would otherwise differ: a run of its config's seed keeps the arguments
+        # (and so the fingerprint and folder) of a plan without pretrain_seeds, and is reused.
+        merged["seed"] = seed
+    budget_keys, budget_info = _budget_overrides(plan.budget, script, config, preset, merged, nproc, where)
+    clash = sorted(set(own) & set(budget_keys))
+    if clash:
+        raise ConfigError(
+            f"{where}.overrides: {', '.join(clash)} is set by the plan's budget ({plan.budget.kind}) so that "
+            f"every method gets the same; remove it from the entry (or change the budget)."
+        )
+    exceptions = sorted(k for k in own if k in pre_shared and own[k] != pre_shared[k])
+    # resume=auto: a run cut short (crash, timeout) continues from checkpoint-last when rerun.
+    resume = {"train.resume": "auto"} if _schema_for(script) is not None else {}
+    overrides = {**resume, **merged, **budget_keys, "output_dir": str(dirs[entry.name])}
+    _resolve_config(script, config, preset, overrides, where)  # fail now, not after an hour
+    args = [*preset, *(["--config", str(config)] if config else []), *_kv(overrides)]
+    return Run(
+        id=f"pretrain/{label}", kind="pretrain", method=entry.name, column=None, protocol=None,
+        output_dir=dirs[entry.name], script=script, args=args,
+        depends=[f"pretrain/{labels[r]}" for r in sorted(refs)],
+        fingerprint=_fingerprint(script, config, args, []), checkpoint=str(dirs[entry.name]),
+        budget=budget_info, exceptions=exceptions, evaluate=entry.evaluate, seed=seed, label=label,
+    )
+
+
+def _eval_runs(
+    plan: ComparePlan,
+    entries: list[PretrainEntry],
+    of_seed: dict[str, Run],
+    pretrain_runs: dict[str, Run],
+    labels: dict[str, str],
+    shared: dict[str, Any],
+    out: Path,
+) -> list[Run]:
+    """The evaluations of one pretraining seed's runs (checkpoint entries: with the first seed only)."""
+    dirs = {**{name: out / "pretrain" / label for name, label in labels.items()}, "out": out}
     eval_runs: list[Run] = []
     for j, ev in enumerate(plan.evaluations):  # type: ignore[assignment]
         column = ev.name or ev.protocol
         script = _find_recipe(ev.recipe or ev.protocol, f"evaluations[{j}] ('{column}')")
         config = _find_config(ev.config, script, f"evaluations[{j}] ('{column}')")
         for entry in entries:
-            if not entry.evaluate:
+            pre = of_seed.get(entry.name)
+            if not entry.evaluate or pre is None:
                 continue
             where = f"evaluations[{j}] ('{column}') of '{entry.name}'"
-            pre = pretrain_runs[entry.name]
-            refs = set()
+            refs: set[str] = set()
             own = {k: _substitute(v, dirs, where, refs) for k, v in flatten_overrides(ev.overrides).items()}
-            overrides = {
-                **shared,
-                **own,
-                "checkpoint": pre.checkpoint,
-                "seeds": list(ev.seeds or plan.seeds),
-                "output_dir": str(out / "eval" / entry.name / column),
-            }
+            eval_seeds = list(ev.seeds or plan.seeds)
+            # With 2+ pretraining seeds a random init gets as many init seeds (with one, it is the plan's).
+            inits = pre.checkpoint == "random" and len(plan.pretrain_seeds or []) > 1
+            if inits:
+                eval_seeds = list(plan.pretrain_seeds)  # type: ignore[arg-type]
+            run_dir = out / "eval" / pre.label / column
+            overrides = {**shared, **own, "checkpoint": pre.checkpoint, "seeds": eval_seeds,
+                         "output_dir": str(run_dir)}
             _resolve_config(script, config, [], overrides, where)
             args = [*(["--config", str(config)] if config else []), *_kv(overrides)]
             depends = [pre.id] if pre.kind == "pretrain" else []
-            depends += [f"pretrain/{r}" for r in sorted(refs) if f"pretrain/{r}" not in depends]
+            depends += [f"pretrain/{labels[r]}" for r in sorted(refs) if f"pretrain/{labels[r]}" not in depends]
             eval_runs.append(Run(
-                id=f"eval/{entry.name}/{column}", kind="eval", method=entry.name, column=column,
-                protocol=ev.protocol, output_dir=out / "eval" / entry.name / column, script=script, args=args,
-                depends=depends, checkpoint=pre.checkpoint,
+                id=f"eval/{pre.label}/{column}", kind="eval", method=entry.name, column=column,
+                protocol=ev.protocol, output_dir=run_dir, script=script, args=args,
+                depends=depends, checkpoint=pre.checkpoint, seed=pre.seed, label=pre.label,
+                seeds_are_inits=inits,
                 # An eval is stale when what it judges changed: its checkpoint's fingerprint is part of its own.
-                fingerprint=_fingerprint(script, config, args, [pretrain_runs[d.split("/", 1)[1]].fingerprint
-                                                                for d in depends]),
+                fingerprint=_fingerprint(script, config, args, [pretrain_runs[d].fingerprint for d in depends]),
             ))
-    return _ordered(list(pretrain_runs.values())) + eval_runs
-
-
-def _entry_dir(entry: PretrainEntry, out: Path) -> Path:
-    return out / "pretrain" / entry.name
+    return eval_runs
 
 
 def _check_cycle(run: Run, runs: dict[str, Run], seen: tuple[str, ...] = ()) -> None:
     if run.id in seen:
         raise ConfigError(f"pretrain entries refer to each other in a cycle: {' -> '.join(seen + (run.id,))}.")
     for dep in run.depends:
-        _check_cycle(runs[dep.split("/", 1)[1]], runs, seen + (run.id,))
+        _check_cycle(runs[dep], runs, seen + (run.id,))
 
 
 def _ordered(runs: list[Run]) -> list[Run]:
-    """Plan order, except that a run comes after the runs it depends on."""
+    """Plan order, except that a run comes after the runs it depends on (those of `runs`: an earlier
+    seed's checkpoint entries are ordered already)."""
     done: list[Run] = []
     by_id = {r.id: r for r in runs}
 
@@ -531,7 +628,8 @@ def _ordered(runs: list[Run]) -> list[Run]:
         if run in done:
             return
         for dep in run.depends:
-            visit(by_id[dep])
+            if dep in by_id:
+                visit(by_id[dep])
         done.append(run)
 
     for run in runs:

@@ -31,14 +31,18 @@ if args.get("fake.fail") == "true":
 
 FAKE_PRETRAIN = _COMMON + """
 steps = int(args.get("train.max_steps", 7))
-(out / "backbone.safetensors").write_bytes(b"weights")
-(out / "backbone.json").write_text(json.dumps({"model": {"name": "vit_nano_patch4_32"},
+seed = int(args.get("seed", 0))  # like the recipes: the config's seed (0) unless seed= is given
+(out / "backbone.safetensors").write_bytes(f"weights drawn from seed {seed}".encode())
+(out / "backbone.json").write_text(json.dumps({"model": {"name": "vit_nano_patch4_32"}, "seed": seed,
     "objective": args.get("fake.objective", "mae"), "step": steps, "images_seen": steps * 8, "seconds": 2.0, "images_per_sec": steps * 4.0}))
 """
 
 FAKE_EVAL = _COMMON + """
 seeds = json.loads(args.get("seeds", "[0]"))
 base = float(args.get("fake.top1", 50.0)) + (10.0 if args.get("checkpoint") != "random" else 0.0)
+if args.get("checkpoint") != "random":  # a checkpoint pretrained with seed s scores fake.seed_gain * s more
+    meta = json.loads((Path(args["checkpoint"]) / "backbone.json").read_text())
+    base += float(args.get("fake.seed_gain", 0.0)) * meta["seed"]
 per_seed = [{"seed": s, "top1": base + s, "top5": 90.0} for s in seeds]
 m = sum(r["top1"] for r in per_seed) / len(per_seed)
 sd = (sum((r["top1"] - m) ** 2 for r in per_seed) / max(len(per_seed) - 1, 1)) ** 0.5

@@ -133,7 +133,7 @@ def test_collect__builds_the_method_by_protocol_table_from_hand_written_files(tm
 
     plots = write_plots(results, out)
     written = write_results(results, out, plots)
-    assert [p.name for p in written] == ["results.md", "results.csv", "results.json"]
+    assert [p.name for p in written] == ["results.md", "results.csv", "results_runs.csv", "results.json"]
     assert (out / "accuracy.png").stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "## Problems" in md and "![accuracy](accuracy.png)" in md and "test machine" in md

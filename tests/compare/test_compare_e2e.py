@@ -39,7 +39,9 @@ def _tiny_plan(tmp_path: Path) -> dict:
             {"protocol": "knn", "overrides": {"features.cache_dir": "${out}/cache", "knn.ks": [5, 20]}},
             {"protocol": "linear_probe",
              "overrides": {"features.cache_dir": "${out}/cache", "train": {"epochs": 2, "batch_size": 32}}},
-            {"protocol": "finetune", "seeds": [0], "overrides": {"train": {"epochs": 1, "batch_size": 32}}},
+            # No warm-up: one 2-step epoch is too short for one (the trainer rejects a warm-up as long as the run).
+            {"protocol": "finetune", "seeds": [0],
+             "overrides": {"train": {"epochs": 1, "batch_size": 32}, "optim.warmup_epochs": 0}},
         ],
     }
 
@@ -83,3 +85,31 @@ def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_no
     assert started == ["pretrain/broken"]  # only what failed is tried again
     assert second.stdout.count("[skip]") == 7
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing complete was rerun
+
+
+@pytest.mark.slow
+def test_pretrain_seeds__real_recipe_trains_other_weights_per_seed_and_reuses_them(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    plan = _tiny_plan(tmp_path)
+    plan["pretrain"] = [plan["pretrain"][0], {"name": "random", "checkpoint": "random"}]
+    plan["evaluations"] = [plan["evaluations"][0]]
+    plan["pretrain_seeds"] = [0, 1]
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+
+    first = _compare(plan_file, out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    a = load_file(out / "pretrain" / "mae" / "backbone.safetensors")
+    b = load_file(out / "pretrain" / "mae@seed1" / "backbone.safetensors")
+    assert a.keys() == b.keys() and any(not (a[k] == b[k]).all() for k in a)  # another init, order and masks
+    cell = json.loads((out / "results.json").read_text())["methods"][0]["evals"]["knn"]
+    per_run = [json.loads((out / "eval" / d / "knn" / "metrics.json").read_text())["top1"]
+               for d in ("mae", "mae@seed1")]
+    assert cell["n"] == 2 and cell["top1"] == pytest.approx(sum(per_run) / 2)
+    assert cell["top1_std"] == pytest.approx(abs(per_run[0] - per_run[1]) / 2**0.5)
+
+    second = _compare(plan_file, out)
+    assert second.returncode == 0 and second.stdout.count("[skip]") == 5  # 2 pretrainings, 3 evaluations
+    assert "[run]" not in second.stdout
