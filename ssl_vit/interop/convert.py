@@ -193,8 +193,11 @@ def infer_arch(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> dic
     grid = pos.shape[1] - prefix
     side = math.isqrt(grid)
     if side * side != grid:
+        # A prefix token under another name (a renamed dist_token, registers) shows as an odd top-level key.
+        odd = [k for k in sd if "." not in k and k not in ("cls_token", "dist_token", "pos_embed")]
         raise UnknownCheckpointError(
-            f"pos_embed has {pos.shape[1]} tokens: not {prefix} prefix tokens plus a square patch grid"
+            f"pos_embed has {pos.shape[1]} tokens: not {prefix} prefix tokens (cls_token, dist_token) plus a "
+            f"square patch grid" + (f"; top-level keys timm's ViT does not have: {odd[:8]}" if odd else "")
         )
     heads_source = "given" if num_heads else "weights-size-table"
     num_heads = num_heads or _standard_heads(embed_dim)
@@ -308,6 +311,45 @@ def _convert_hf(sd: dict[str, torch.Tensor], config: dict[str, Any] | None, note
     return fmt, backbone, None, has_decoder
 
 
+def _written_by_mae(sd: dict[str, torch.Tensor], args: Any, trained_as: str) -> bool:
+    """Whether a `{"model": state_dict}` file without a decoder comes from facebookresearch/mae, not /deit.
+
+    Both write timm 0.3.2's keys. MAE's scripts record `global_pool` (main_finetune, main_linprobe) or
+    `mask_ratio` (main_pretrain) in `args`, DeiT's `distillation_type`; their `args.model` names
+    (`vit_base_patch16`, `deit_base_patch16_224`) do not always say. Without args: MAE fine-tunes with
+    global pooling (`fc_norm`), and its released pretrained encoders have no classifier, DeiT's always do.
+    """
+    if "dist_token" in sd or hasattr(args, "distillation_type") or "deit" in trained_as:
+        return False
+    if hasattr(args, "global_pool") or hasattr(args, "mask_ratio") or "mae" in trained_as:
+        return True
+    return "fc_norm.weight" in sd or "head.weight" not in sd
+
+
+def _check_fits(sd: dict[str, torch.Tensor], spec: dict[str, Any], fmt: str) -> None:
+    """Raise UnknownCheckpointError unless the converted keys and shapes are exactly those of `spec`'s backbone.
+
+    A checkpoint with a renamed or missing key fails here, naming it, rather than when loaded (or never,
+    when only converted). The backbone is built on the meta device: no memory, no initialisation.
+    """
+    from ssl_vit.models import create_backbone
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in create_backbone(**spec).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in sd.items()}
+    problems = {
+        "unknown keys": sorted(set(theirs) - set(own)),
+        "missing keys": sorted(set(own) - set(theirs)),
+        "wrong shapes": sorted(f"{k} {theirs[k]} vs {own[k]}" for k in set(theirs) & set(own) if theirs[k] != own[k]),
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{what}: {', '.join(keys[:8])}" for what, keys in problems.items() if keys)
+        raise UnknownCheckpointError(
+            f"{fmt}: the weights do not fit the ViT they describe ({spec['name']}): {found}. Expected the "
+            f"layout of {FORMATS[fmt]}: was a key renamed, or is this another architecture?"
+        )
+
+
 def _heads_from_config(config: dict[str, Any] | None, fmt: str) -> int | None:
     if not config:
         return None
@@ -363,9 +405,7 @@ def to_backbone_state_dict(
             fmt = "mae"
             sd, decoder = _convert_mae_official(sd, notes)
         elif wrapper == "model":
-            # deit and mae fine-tuning write the same layout; MAE fine-tunes with global pooling.
-            is_mae = "mae" in trained_as or ("fc_norm.weight" in sd and "dist_token" not in sd and not trained_as)
-            fmt = "mae" if is_mae else "deit"
+            fmt = "mae" if _written_by_mae(sd, args, trained_as) else "deit"
         else:
             fmt = "timm"
         if trained_as and "args" not in obj:  # timm's train.py checkpoints carry 'arch'
@@ -391,6 +431,7 @@ def to_backbone_state_dict(
     exported_spec = (config or {}).get("ssl_vit", {}).get("spec") if fmt == "timm" else None
     if isinstance(exported_spec, dict) and exported_spec.get("name"):
         spec = dict(exported_spec)  # written by our export: the exact spec, sin-cos flag included
+    _check_fits(sd, spec, fmt)
     keep = ("model_args", "pretrained_cfg", "ssl_vit")  # timm's build args and preprocessing
     meta = {k: v for k, v in (config or {}).items() if not isinstance(v, (dict, list)) or k in keep}
     return sd, ImportInfo(fmt, str(weights), spec, arch, has_decoder, decoder, notes, meta)

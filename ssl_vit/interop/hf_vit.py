@@ -98,7 +98,10 @@ def hf_encoder_to_timm(
         unused.append(key)
     for (i, param), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"layer {i}: found {sorted(parts)} of query/key/value {param}s, need all three")
+            raise ValueError(
+                f"layer {i}: found only {sorted(parts)} of its query/key/value ({param}), need all three; "
+                f"keys not understood: {unused[:8]}"
+            )
         out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if any(k.startswith(prefix + "pooler.") for k in unused):
         notes.append("dropped the HF pooler (dense + tanh over the class token): timm's ViT has none")

@@ -17,7 +17,13 @@ import torch
 
 from ssl_vit.interop import hf_vit
 
-__all__ = ["MAEWeightsError", "hf_vitmae_to_ours", "mae_official_to_ours", "split_backbone_decoder"]
+__all__ = [
+    "MAEWeightsError",
+    "check_decoder_layout",
+    "hf_vitmae_to_ours",
+    "mae_official_to_ours",
+    "split_backbone_decoder",
+]
 
 # Our MAE objective's own (non-backbone) entries; facebookresearch/mae names them identically.
 _DECODER_PREFIXES = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
@@ -28,8 +34,41 @@ class MAEWeightsError(ValueError):
     """A state dict that is not an MAE checkpoint of the expected layout."""
 
 
+# Every decoder block is a timm `Block(qkv_bias=True)`, in models_mae.py as in our objective.
+_BLOCK_PARAMS = tuple(
+    f"{module}.{kind}"
+    for module in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    for kind in ("weight", "bias")
+)
+_DECODER_FIXED = (
+    *_DECODER_KEYS,
+    *(f"{m}.{kind}" for m in ("decoder_embed", "decoder_norm", "decoder_pred") for kind in ("weight", "bias")),
+)
+
+
 def _is_decoder_key(key: str) -> bool:
     return key in _DECODER_KEYS or key.startswith(_DECODER_PREFIXES)
+
+
+def _looks_like_decoder(key: str) -> bool:
+    return key.startswith(("decoder", "mask"))
+
+
+def check_decoder_layout(decoder: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise MAEWeightsError unless `decoder` is exactly facebookresearch/mae's decoder (our objective's keys).
+
+    A renamed or missing key would otherwise leave a decoder that loads nowhere (or half-initialised).
+    """
+    depth = 1 + max((int(m.group(1)) for k in decoder if (m := re.match(r"decoder_blocks\.(\d+)\.", k))), default=-1)
+    expected = set(_DECODER_FIXED) | {f"decoder_blocks.{i}.{p}" for i in range(depth) for p in _BLOCK_PARAMS}
+    unknown, missing = sorted(set(decoder) - expected), sorted(expected - set(decoder))
+    if unknown or missing:
+        raise MAEWeightsError(
+            f"{source}: the MAE decoder is not in the expected layout (facebookresearch/mae models_mae.py: "
+            f"mask_token, decoder_pos_embed, decoder_embed, decoder_blocks.N.*, decoder_norm, decoder_pred): "
+            f"unknown keys {unknown[:8]}, missing keys {missing[:8]}. Was the checkpoint written by another "
+            f"MAE variant, or a key renamed?"
+        )
 
 
 def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -68,6 +107,9 @@ def mae_official_to_ours(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch
             "not a facebookresearch/mae checkpoint: no 'patch_embed.proj.weight' key. For Hugging Face "
             "ViTMAE weights use hf_vitmae_to_ours; found keys like " + ", ".join(list(sd)[:5]) + "."
         )
+    stray = {k: v for k, v in backbone.items() if _looks_like_decoder(k)}  # e.g. a renamed decoder_pred
+    if decoder or stray:
+        check_decoder_layout({**decoder, **stray}, "facebookresearch/mae checkpoint")
     return backbone, decoder
 
 
@@ -98,8 +140,10 @@ _HF_DECODER_FIXED = {
 
 
 def _convert_hf_part(
-    sd: dict[str, torch.Tensor], fixed: dict[str, str], layer_re: re.Pattern, block_prefix: str, unknown: list[str]
+    sd: dict[str, torch.Tensor], prefix: str, fixed: dict[str, str], layer_re: re.Pattern, block_prefix: str,
+    unknown: list[str],
 ) -> dict[str, torch.Tensor]:
+    """`sd` with `prefix` stripped from its keys -> our names; keys it cannot place go to `unknown`, in full."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight|bias) -> {"q": .., "k": .., "v": ..}
     for key, value in sd.items():
@@ -109,7 +153,7 @@ def _convert_hf_part(
         m = layer_re.match(key)
         part = _HF_LAYER_PARTS.get(m.group(2)) if m else None
         if part is None:
-            unknown.append(key)
+            unknown.append(prefix + key)
             continue
         block, kind = f"{block_prefix}.{m.group(1)}", m.group(3)
         if part in ("q", "k", "v"):
@@ -118,6 +162,8 @@ def _convert_hf_part(
             out[f"{block}.{part}.{kind}"] = value
     for (block, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
+            if unknown:  # the caller's error names the keys it could not place: more useful
+                continue
             raise MAEWeightsError(f"{block}: found only {sorted(parts)} of the query/key/value {kind}s.")
         out[f"{block}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     # HF configs with qkv_bias=False have no biases; timm's blocks always have one: zeros are the same model.
@@ -136,16 +182,15 @@ def hf_vitmae_to_ours(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     and noise-to-mask convention equal ours, so the same weights and noise give the same loss.
     """
     sd = _unwrap(state_dict)
-    encoder: dict[str, torch.Tensor] = {}
-    decoder: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith("decoder."):
-            decoder[key[len("decoder.") :]] = value
-        else:
-            encoder[key[len("vit.") :] if key.startswith("vit.") else key] = value
+    decoder = {k[len("decoder.") :]: v for k, v in sd.items() if k.startswith("decoder.")}
+    vit = {k[len("vit.") :]: v for k, v in sd.items() if k.startswith("vit.")}
+    bare = {k: v for k, v in sd.items() if not k.startswith(("decoder.", "vit."))}  # a bare ViTMAEModel
     unknown: list[str] = []
-    backbone_sd = _convert_hf_part(encoder, _HF_ENCODER_FIXED, _HF_ENCODER_LAYER, "blocks", unknown)
-    decoder_sd = _convert_hf_part(decoder, _HF_DECODER_FIXED, _HF_DECODER_LAYER, "decoder_blocks", unknown)
+    backbone_sd = {
+        **_convert_hf_part(vit, "vit.", _HF_ENCODER_FIXED, _HF_ENCODER_LAYER, "blocks", unknown),
+        **_convert_hf_part(bare, "", _HF_ENCODER_FIXED, _HF_ENCODER_LAYER, "blocks", unknown),
+    }
+    decoder_sd = _convert_hf_part(decoder, "decoder.", _HF_DECODER_FIXED, _HF_DECODER_LAYER, "decoder_blocks", unknown)
     if unknown:
         raise MAEWeightsError(
             f"unrecognised keys for a Hugging Face ViTMAE checkpoint: {unknown[:8]}"
@@ -154,4 +199,6 @@ def hf_vitmae_to_ours(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Te
         )
     if "patch_embed.proj.weight" not in backbone_sd:
         raise MAEWeightsError("no 'embeddings.patch_embeddings.projection.weight': not a ViTMAE checkpoint.")
+    if decoder_sd:
+        check_decoder_layout(decoder_sd, "Hugging Face ViTMAE checkpoint (decoder.* converted to MAE's names)")
     return backbone_sd, decoder_sd

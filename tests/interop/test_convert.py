@@ -96,46 +96,7 @@ def test_unusual_width__heads_guessed_with_note_and_taken_when_given(tmp_path):
         _close(ours.forward_features(_images()), ref.forward_features(_images()))
 
 
-# -- facebookresearch/deit and /mae .pth layouts ---------------------------------------------------
-
-
-def test_deit_layout_distilled__converts_with_equal_logits(tmp_path):
-    ref = _tiny("deit_nano_distilled_patch4_32", num_classes=5)
-    args = argparse.Namespace(model="deit_tiny_distilled_patch16_224")
-    ckpt = {"model": ref.state_dict(), "epoch": 299, "args": args}
-    torch.save(ckpt, tmp_path / "deit.pth")
-    ours, info = build_backbone(tmp_path / "deit.pth")
-    assert info.format == "deit" and info.arch["distilled"] and info.spec["name"].startswith("deit_")
-    x = _images()
-    with torch.no_grad():
-        _close(ours.forward_features(x), ref.forward_features(x))
-        _close(ours(x), ref(x))
-
-
-def test_mae_layout_pretrain__backbone_and_decoder_convert(tmp_path):
-    from ssl_vit.objectives.mae import MAE
-
-    backbone = create_backbone("vit_nano_patch4_32", depth=2, img_size=16, num_classes=0, pos_embed="sincos")
-    mae = MAE(backbone, decoder_dim=32, decoder_depth=1, decoder_heads=2)
-    official = {k.removeprefix("backbone."): v for k, v in mae.state_dict().items()}  # MAE's own key names
-    args = argparse.Namespace(model="mae_vit_base_patch16")
-    torch.save({"model": official, "epoch": 799, "args": args}, tmp_path / "mae.pth")
-    sd, info = to_backbone_state_dict(tmp_path / "mae.pth")
-    assert info.format == "mae" and info.has_mae_decoder and info.decoder_state_dict is not None
-    assert info.spec.get("pos_embed") == "sincos" and info.arch["num_classes"] == 0
-    assert set(info.decoder_state_dict) == {k for k in official if not k in backbone.state_dict()}
-    ours, _ = build_backbone(tmp_path / "mae.pth")
-    with torch.no_grad():
-        _close(ours.forward_features(_images()), backbone.eval().forward_features(_images()))
-
-
-def test_mae_layout_finetuned__global_pool_avg(tmp_path):
-    ref = _tiny(global_pool="avg", num_classes=3)
-    torch.save({"model": ref.state_dict()}, tmp_path / "mae_ft.pth")
-    ours, info = build_backbone(tmp_path / "mae_ft.pth")
-    assert info.format == "mae" and info.spec["global_pool"] == "avg"
-    with torch.no_grad():
-        _close(ours(_images()), ref(_images()))
+# -- facebookresearch/deit and /mae .pth layouts: test_official_layouts.py (written from their code) ----
 
 
 # -- Hugging Face ----------------------------------------------------------------------------------

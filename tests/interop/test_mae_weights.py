@@ -1,4 +1,4 @@
-"""Official MAE weights: Hugging Face ViTMAE and facebookresearch/mae layouts load and give equal losses.
+"""Official MAE weights: Hugging Face ViTMAE models load and give equal losses; our objective's split.
 
 Every model here is randomly initialised and built locally: nothing is downloaded.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import timm
 import torch
 
+import official_layouts as L
 from ssl_vit.interop.mae_weights import (
     MAEWeightsError,
     hf_vitmae_to_ours,
@@ -164,50 +164,17 @@ def test_hf_vitmae_to_ours__names_unknown_keys():
         hf_vitmae_to_ours(sd)
 
 
-def official_like_checkpoint(full: bool = True) -> tuple[dict, MAE]:
-    """A checkpoint in facebookresearch/mae's layout (their module names are the ones our MAE uses), and its source."""
-    torch.manual_seed(7)
-    source = our_mae(True)
-    sd = {k.removeprefix("backbone."): v for k, v in source.state_dict().items()}
-    if not full:
-        sd = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
-    return {"model": sd, "epoch": 799}, source
-
-
-def test_mae_official_full_checkpoint__loads_into_our_objective_strictly_with_equal_loss():
-    ckpt, source = official_like_checkpoint(full=True)
-    backbone_sd, decoder_sd = mae_official_to_ours(ckpt)
-    assert set(decoder_sd) >= {"mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_pred.bias"}
-    assert not any(k.startswith(("decoder", "mask_token")) for k in backbone_sd)
-    torch.manual_seed(123)  # a differently initialised target model
-    ours = load_into(our_mae(True), backbone_sd, decoder_sd)
-    batch = {"pixel_values": torch.randn(2, 3, IMG, IMG), "noise": torch.rand(2, N)}
-    with torch.no_grad():
-        torch.testing.assert_close(ours(batch)["loss"], source(batch)["loss"], rtol=0, atol=0)
-    # Our own objective state splits back into the same two parts.
-    again = split_backbone_decoder(source.state_dict())
-    assert again[0].keys() == backbone_sd.keys() and again[1].keys() == decoder_sd.keys()
-
-
-def test_mae_official_encoder_only_checkpoint__loads_into_timm_and_our_backbone():
-    backbone_sd, decoder_sd = mae_official_to_ours(official_like_checkpoint(full=False)[0]["model"])
-    assert decoder_sd == {}
-    backbone = our_mae(True).backbone
-    backbone.load_state_dict(backbone_sd, strict=True)
-    name, kwargs = backbone.timm_spec()
-    timm.create_model(name, pretrained=False, **kwargs).load_state_dict(backbone_sd, strict=True)
-
-
-def test_mae_official_finetuned_checkpoint__fc_norm_fits_a_global_avg_pool_backbone():
-    sd = official_like_checkpoint(full=False)[0]["model"]
-    sd = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in sd.items()}
-    sd["head.weight"], sd["head.bias"] = torch.zeros(10, DIM), torch.zeros(10)
-    backbone_sd, _ = mae_official_to_ours(sd)
-    backbone = create_backbone(
-        "vit_nano_patch4_32", depth=DEPTH, embed_dim=DIM, num_heads=HEADS, img_size=IMG, global_pool="avg",
-        num_classes=10,
-    )
-    backbone.load_state_dict(backbone_sd, strict=True)
+def test_split_backbone_decoder__gives_our_backbone_and_the_official_decoder_keys():
+    # The official layouts' imports are tested against that layout in test_official_layouts.py; here,
+    # the other way round: our objective's own state splits into a timm backbone and MAE's decoder names.
+    mae = our_mae(True)
+    backbone_sd, decoder_sd = split_backbone_decoder(mae.state_dict())
+    assert backbone_sd.keys() == mae.backbone.state_dict().keys()
+    d = L.ViTDims(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, patch_size=PATCH, img_size=IMG)
+    official = L.mae_pretrain(d, (DEC_DIM, DEC_DEPTH, DEC_HEADS))
+    assert {k: tuple(v.shape) for k, v in decoder_sd.items()} == {
+        k: v for k, v in official.items() if k not in L.mae_pretrain_encoder(d)
+    }
 
 
 def test_mae_official_to_ours__rejects_a_hugging_face_state_dict_with_a_hint():
