@@ -2,7 +2,8 @@
 
 The shared groups (`model`, `data`, `train`, `optim`, `supervised`) keep their meaning; the eval
 groups below add what only evaluation reads. Defaults are the small built-in-data runs; the papers'
-settings live in `recipes/configs/*_paper*.yaml` / the per-dataset YAML files.
+settings live in `recipes/configs/*_imagenet.yaml` (checked against the published values by
+tests/recipes/test_paper_configs.py); the small-image ones in `*_cifar10.yaml`.
 """
 
 from __future__ import annotations

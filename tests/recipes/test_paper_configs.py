@@ -1,0 +1,318 @@
+"""Every paper config (recipes/configs/*_imagenet.yaml) holds the published hyperparameters: the values.
+
+`PUBLISHED` is the table, kept here and written from the papers and their official code (each value with
+its source; ../shared/PROTOCOLS.md collects them), never from our configs. Each config is loaded through
+its recipe's schema, as `accelerate launch recipes/<recipe>.py --config <file>` would, and compared key by
+key. Keys starting with "@" are derived from the loaded config: the effective batch (per-process batch x
+accumulation x the `--num_processes` of the config's launch line), the lr it gives, the crop the training
+transform actually makes, the eval resize, the teacher's weights, the published result named on line 1.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ssl_vit.config import PretrainConfig, load_config
+from ssl_vit.data.transforms import build_transform
+from ssl_vit.eval.config import FinetuneEvalConfig, KNNEvalConfig, LinearProbeEvalConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+SCHEMAS = {  # the recipe named on a config's launch line -> the schema that recipe loads it with
+    "mae_pretrain.py": PretrainConfig,
+    "deit_pretrain.py": PretrainConfig,
+    "pretrain.py": PretrainConfig,
+    "finetune.py": FinetuneEvalConfig,
+    "linear_probe.py": LinearProbeEvalConfig,
+    "knn.py": KNNEvalConfig,
+}
+
+# -- sources -----------------------------------------------------------------------------------------
+MAE_PAPER = "He et al. 2021, Masked Autoencoders Are Scalable Vision Learners"
+MAE_MODELS = "facebookresearch/mae models_mae.py @be47fef (mae_vit_base_patch16_dec512d8b)"
+MAE_PRETRAIN = "facebookresearch/mae PRETRAIN.md @efb2a80 (--norm_pix_loss --mask_ratio 0.75 --epochs 800 ...)"
+MAE_PRETRAIN_PY = "facebookresearch/mae main_pretrain.py @be47fef"
+MAE_FINETUNE = "facebookresearch/mae FINETUNE.md @efb2a80, ViT-Base fine-tuning command"
+MAE_FINETUNE_PY = "facebookresearch/mae main_finetune.py defaults"
+MAE_DATASETS = "facebookresearch/mae util/datasets.py @be47fef build_transform"
+MAE_LINPROBE = "facebookresearch/mae FINETUNE.md @efb2a80, linear probing command"
+MAE_LINPROBE_PY = "facebookresearch/mae main_linprobe.py @6a2ba40"
+MAE_LARS = "facebookresearch/mae util/lars.py @6a2ba40 (LARS defaults)"
+DEIT_PAPER = "Touvron et al. 2020, Training data-efficient image transformers, Table 9"
+DEIT_MAIN = "facebookresearch/deit main.py @1d38fa4 defaults"
+DEIT_README = "facebookresearch/deit README_deit.md (model zoo; hard distillation command)"
+DEIT_DATASETS = "facebookresearch/deit datasets.py build_transform (Resize(256/224 * 224), CenterCrop(224))"
+DINO_KNN = "facebookresearch/dino eval_knn.py (--nb_knn, --temperature, Resize(256) + CenterCrop(224))"
+DINO_README = "facebookresearch/dino README.md (ViT-B/16: k-NN 76.1, linear 78.2)"
+TIMM_TRANSFORM = "timm create_transform(is_training=True): RandomResizedCrop scale (0.08, 1.0), as both repos call it"
+
+_deit = {
+    "model.drop_path_rate": (0.1, DEIT_MAIN + " --drop-path"),
+    "data.image_size": (224, DEIT_MAIN + " --input-size"),
+    "train.epochs": (300, DEIT_MAIN + " --epochs; " + DEIT_PAPER),
+    "@effective_batch": (1024, DEIT_PAPER + " (batch size 1024); README_deit: 4 GPUs x 256, 2 nodes x 8 x 64"),
+    "@lr": (5e-4 * 1024 / 512, DEIT_MAIN + ": lr = 5e-4 * batch / 512"),
+    "optim.name": ("adamw", DEIT_MAIN + " --opt"),
+    "optim.betas": ((0.9, 0.999), DEIT_MAIN + " --opt-betas None: timm's AdamW default"),
+    "optim.eps": (1e-8, DEIT_MAIN + " --opt-eps"),
+    "optim.weight_decay": (0.05, DEIT_MAIN + " --weight-decay; " + DEIT_PAPER),
+    "optim.warmup_epochs": (5, DEIT_MAIN + " --warmup-epochs; " + DEIT_PAPER),
+    "optim.min_lr": (1e-5, DEIT_MAIN + " --min-lr"),
+    "train.clip_grad": (None, DEIT_MAIN + " --clip-grad"),
+    "supervised.label_smoothing": (0.1, DEIT_MAIN + " --smoothing; " + DEIT_PAPER),
+    "supervised.mixup": (0.8, DEIT_MAIN + " --mixup; " + DEIT_PAPER),
+    "supervised.cutmix": (1.0, DEIT_MAIN + " --cutmix; " + DEIT_PAPER),
+    "supervised.mixup_prob": (1.0, DEIT_MAIN + " --mixup-prob"),
+    "supervised.mixup_switch_prob": (0.5, DEIT_MAIN + " --mixup-switch-prob"),
+    "data.auto_augment": ("rand-m9-mstd0.5-inc1", DEIT_MAIN + " --aa; " + DEIT_PAPER + " (RandAugment 9/0.5)"),
+    "data.color_jitter": (0.4, DEIT_MAIN + " --color-jitter (timm drops it under RandAugment)"),
+    "data.reprob": (0.25, DEIT_MAIN + " --reprob; " + DEIT_PAPER),
+    "data.remode": ("pixel", DEIT_MAIN + " --remode"),
+    "data.recount": (1, DEIT_MAIN + " --recount"),
+    "data.repeated_aug": (3, DEIT_MAIN + " --repeated-aug (RASampler, 3 repeats); " + DEIT_PAPER),
+    "@train_crop.scale": ((0.08, 1.0), TIMM_TRANSFORM),
+    "@train_crop.interpolation": ("bicubic", DEIT_MAIN + " --train-interpolation"),
+    "@eval.resize": (256, DEIT_DATASETS),
+    "@eval.crop": (224, DEIT_DATASETS),
+    "distill.type": ("hard", DEIT_README + " --distillation-type hard"),
+    "distill.alpha": (0.5, "facebookresearch/deit main.py --distillation-alpha"),
+    "distill.tau": (1.0, "facebookresearch/deit main.py --distillation-tau"),
+    "@teacher_url": ("https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth", DEIT_README + " --teacher-path"),
+}
+
+PUBLISHED: dict[str, dict[str, tuple[Any, str]]] = {
+    "mae_vit_base_imagenet.yaml": {
+        "objective.name": ("mae", MAE_PAPER),
+        "@train_transform": ("mae", MAE_PRETRAIN_PY + ": RandomResizedCrop + flip only"),
+        "model.name": ("vit_base_patch16_224", MAE_MODELS + ": patch 16, 768 wide, 12 blocks, 12 heads"),
+        "model.pos_embed": ("sincos", MAE_MODELS + ": fixed 2-D sin-cos pos_embed (requires_grad=False)"),
+        "data.image_size": (224, MAE_PRETRAIN_PY + " --input_size"),
+        "mae.mask_ratio": (0.75, MAE_PRETRAIN),
+        "mae.decoder_dim": (512, MAE_MODELS),
+        "mae.decoder_depth": (8, MAE_MODELS),
+        "mae.decoder_heads": (16, MAE_MODELS),
+        "mae.norm_pix_loss": (True, MAE_PRETRAIN + "; FINETUNE.md: the released models use it"),
+        "train.epochs": (800, MAE_PRETRAIN + " (the released ViT-B checkpoints: 1600, FINETUNE.md)"),
+        "@effective_batch": (4096, MAE_PRETRAIN + ": 64 x 8 nodes x 8 GPUs; " + MAE_PAPER + " Table 8"),
+        "optim.name": ("adamw", MAE_PRETRAIN_PY),
+        "optim.blr": (1.5e-4, MAE_PRETRAIN + " --blr; " + MAE_PAPER + " Table 8"),
+        "@lr": (1.5e-4 * 4096 / 256, MAE_PRETRAIN + ": lr = blr * batch / 256"),
+        "optim.betas": ((0.9, 0.95), MAE_PRETRAIN_PY + " AdamW(betas=(0.9, 0.95)); " + MAE_PAPER + " Table 8"),
+        "optim.eps": (1e-8, MAE_PRETRAIN_PY + ": torch.optim.AdamW default"),
+        "optim.weight_decay": (0.05, MAE_PRETRAIN + " --weight_decay"),
+        "optim.warmup_epochs": (40, MAE_PRETRAIN + " --warmup_epochs"),
+        "optim.min_lr": (0.0, MAE_PRETRAIN_PY + " --min_lr"),
+        "train.clip_grad": (None, MAE_PRETRAIN_PY + ": no gradient clipping"),
+        "@train_crop.scale": ((0.2, 1.0), MAE_PRETRAIN_PY + " RandomResizedCrop(scale=(0.2, 1.0), interpolation=3)"),
+        "@train_crop.interpolation": ("bicubic", MAE_PRETRAIN_PY),
+        "data.hflip": (0.5, MAE_PRETRAIN_PY + " RandomHorizontalFlip()"),
+        "@result": (("83.6", "68.0", "1600"), "FINETUNE.md: ViT-B 83.6 fine-tuned, 68.0 linear; pretrained 1600 epochs"),
+    },
+    "finetune_mae_vit_base_imagenet.yaml": {
+        "model.name": ("vit_base_patch16_224", MAE_FINETUNE + " --model vit_base_patch16"),
+        "model.global_pool": ("avg", MAE_FINETUNE_PY + " --global_pool (default True): mean of patch tokens + fc_norm"),
+        "@train_transform": ("supervised", MAE_DATASETS + ": timm create_transform (RandAugment, erasing)"),
+        "model.drop_path_rate": (0.1, MAE_FINETUNE + " --drop_path"),
+        "data.image_size": (224, MAE_FINETUNE_PY + " --input_size"),
+        "train.epochs": (100, MAE_FINETUNE + " --epochs"),
+        "@effective_batch": (1024, MAE_FINETUNE + ": 32 x 4 nodes x 8 GPUs"),
+        "optim.name": ("adamw", MAE_FINETUNE_PY + " torch.optim.AdamW"),
+        "optim.blr": (5e-4, MAE_FINETUNE + " --blr"),
+        "@lr": (5e-4 * 1024 / 256, MAE_FINETUNE + ": lr = blr * batch / 256"),
+        "optim.layer_decay": (0.65, MAE_FINETUNE + " --layer_decay"),
+        "optim.weight_decay": (0.05, MAE_FINETUNE + " --weight_decay"),
+        "optim.betas": ((0.9, 0.999), MAE_FINETUNE_PY + ": torch.optim.AdamW default; " + MAE_PAPER + " Table 9"),
+        "optim.warmup_epochs": (5, MAE_FINETUNE_PY + " --warmup_epochs; " + MAE_PAPER + " Table 9"),
+        "optim.min_lr": (1e-6, MAE_FINETUNE_PY + " --min_lr"),
+        "train.clip_grad": (None, MAE_FINETUNE_PY + " --clip_grad"),
+        "train.ema": (False, MAE_FINETUNE_PY + ": no EMA"),
+        "supervised.label_smoothing": (0.1, MAE_FINETUNE_PY + " --smoothing; " + MAE_PAPER + " Table 9"),
+        "supervised.mixup": (0.8, MAE_FINETUNE + " --mixup"),
+        "supervised.cutmix": (1.0, MAE_FINETUNE + " --cutmix"),
+        "supervised.mixup_prob": (1.0, MAE_FINETUNE_PY + " --mixup_prob"),
+        "supervised.mixup_switch_prob": (0.5, MAE_FINETUNE_PY + " --mixup_switch_prob"),
+        "data.auto_augment": ("rand-m9-mstd0.5-inc1", MAE_FINETUNE_PY + " --aa"),
+        "data.reprob": (0.25, MAE_FINETUNE + " --reprob"),
+        "data.remode": ("pixel", MAE_FINETUNE_PY + " --remode"),
+        "data.recount": (1, MAE_FINETUNE_PY + " --recount"),
+        "@train_crop.scale": ((0.08, 1.0), TIMM_TRANSFORM),
+        "@train_crop.interpolation": ("bicubic", MAE_DATASETS + ": create_transform(interpolation='bicubic')"),
+        "@eval.resize": (256, MAE_DATASETS + ": crop_pct 224 / 256, Resize(int(224 / crop_pct), BICUBIC)"),
+        "@eval.crop": (224, MAE_DATASETS),
+        "@result": (("83.6", "1600"), "FINETUNE.md: mae_finetuned_vit_base 83.664 (pretrained 1600 epochs)"),
+    },
+    "linear_probe_mae_vit_base_imagenet.yaml": {
+        "model.name": ("vit_base_patch16_224", MAE_LINPROBE + " --model vit_base_patch16"),
+        "features.pool": ("token", MAE_LINPROBE + " --cls_token"),
+        "model.global_pool": ("token", MAE_LINPROBE + " --cls_token"),
+        "probe.mode": ("augment", MAE_LINPROBE_PY + ": augmented images through the frozen backbone each step"),
+        "train.epochs": (90, MAE_LINPROBE + " --epochs"),
+        "@effective_batch": (16384, MAE_LINPROBE + ": 512 x 4 nodes x 8 GPUs"),
+        "optim.name": ("lars", MAE_LINPROBE_PY + ": LARS(head.parameters())"),
+        "optim.blr": (0.1, MAE_LINPROBE + " --blr"),
+        "@lr": (0.1 * 16384 / 256, MAE_LINPROBE + ": lr = blr * batch / 256"),
+        "optim.weight_decay": (0.0, MAE_LINPROBE + " --weight_decay"),
+        "optim.momentum": (0.9, MAE_LARS),
+        "optim.trust_coefficient": (0.001, MAE_LARS),
+        "optim.warmup_epochs": (10, MAE_LINPROBE_PY + " --warmup_epochs"),
+        "optim.min_lr": (0.0, MAE_LINPROBE_PY + " --min_lr"),
+        "@train_transform": ("mae", MAE_LINPROBE_PY + ": RandomResizedCrop + flip only"),
+        "@train_crop.scale": ((0.08, 1.0), MAE_LINPROBE_PY + " util/crop.py RandomResizedCrop(224, interpolation=3)"),
+        "@train_crop.interpolation": ("bicubic", MAE_LINPROBE_PY),
+        "@eval.resize": (256, MAE_LINPROBE_PY + " Resize(256, interpolation=3)"),
+        "@eval.crop": (224, MAE_LINPROBE_PY + " CenterCrop(224)"),
+        "@result": (("68.0", "1600"), "FINETUNE.md linear probing table, paper (TF/TPU) ViT-Base 68.0 (1600-epoch model)"),
+    },
+    "knn_vit_base_imagenet.yaml": {
+        "model.name": ("vit_base_patch16_224", DINO_README + " (ViT-B/16 row)"),
+        "features.pool": ("token", DINO_KNN + ": model(samples) is the class token"),
+        "knn.ks": ([10, 20, 100, 200], DINO_KNN + " --nb_knn"),
+        "knn.report_k": (20, DINO_KNN + ": '20 is usually working the best'; the paper's k-NN column"),
+        "knn.temperature": (0.07, DINO_KNN + " --temperature"),
+        "@eval.resize": (256, DINO_KNN),
+        "@eval.crop": (224, DINO_KNN),
+        "@eval.interpolation": ("bicubic", DINO_KNN + " Resize(256, interpolation=3)"),
+        "@result": (("76.1",), DINO_README),
+    },
+    "deit_small_imagenet.yaml": {
+        "objective.name": ("deit", DEIT_PAPER),
+        "@train_transform": ("supervised", DEIT_MAIN + ": timm create_transform"),
+        "model.name": ("deit_small_distilled_patch16_224", DEIT_README + " (DeiT-small distilled)"),
+        **_deit,
+        "@result": (("81.2", "79.9"), DEIT_README + ": DeiT-small distilled 81.2, DeiT-small 79.9"),
+    },
+    "deit_base_imagenet.yaml": {
+        "objective.name": ("deit", DEIT_PAPER),
+        "@train_transform": ("supervised", DEIT_MAIN + ": timm create_transform"),
+        "model.name": ("deit_base_distilled_patch16_224", DEIT_README + " (DeiT-base distilled)"),
+        **_deit,
+        "@result": (("83.4", "81.8"), DEIT_README + ": DeiT-base distilled 83.4, DeiT-base 81.8"),
+    },
+}
+
+# Published settings these configs cannot express, so not compared (kept here so the gap is written down).
+NOT_COMPARED = {
+    "deit warmup-lr 1e-6": "our warmup starts from 0 (DeiT's timm scheduler from 1e-6): no key for it",
+    "deit model-ema (main.py default on, decay 0.99996)": "the paper reports no gain from it; off here (train.ema)",
+    "mae fine-tune --color_jitter None": "ours 0.4, but timm's create_transform drops colour jitter under RandAugment",
+    "linear probe BatchNorm1d(affine=False, eps=1e-6) head": "not a config key: ssl_vit/eval/linear_probe.py",
+}
+
+
+# -- reading a config the way its recipe does --------------------------------------------------------
+
+
+def _launch(path: Path) -> tuple[str, int]:
+    """(recipe file, --num_processes) from the config's first line, its launch command."""
+    first = path.read_text().splitlines()[0]
+    recipe = re.search(r"recipes/(\w+\.py)", first)
+    processes = re.search(r"--num_processes (\d+)", first)
+    assert recipe and processes, f"{path.name}: line 1 should be the launch command with --num_processes: {first}"
+    return recipe.group(1), int(processes.group(1))
+
+
+def _load(name: str):
+    recipe, processes = _launch(CONFIGS / name)
+    return load_config(SCHEMAS[recipe], [], default_file=CONFIGS / name), processes
+
+
+def _inner(transform) -> list:
+    return list(getattr(transform, "inner", transform).transforms)
+
+
+def _train_transform_kind(cfg) -> str:
+    """The training transform the recipe will build: the objective's own, as the engine asks it."""
+    from ssl_vit.eval.linear_probe import LinearProbeObjective
+    from ssl_vit.objectives import get_objective
+
+    if isinstance(cfg, PretrainConfig):
+        return get_objective(cfg.objective.name).transform
+    if isinstance(cfg, LinearProbeEvalConfig):
+        return LinearProbeObjective.transform  # the paper path (probe.mode=augment)
+    return get_objective("supervised").transform  # recipes/finetune.py trains through the supervised objective
+
+
+def _derived(cfg, key: str, processes: int) -> Any:
+    if key in ("@effective_batch", "@lr"):
+        batch = cfg.train.batch_size * cfg.train.grad_accum_steps * processes
+        if key == "@effective_batch":
+            return batch
+        return cfg.optim.blr * batch / 256 if cfg.optim.lr is None else cfg.optim.lr
+    if key == "@train_transform":
+        return _train_transform_kind(cfg)
+    if key.startswith("@train_crop."):
+        transform = build_transform(_train_transform_kind(cfg), cfg.data, train=True)
+        crop = next(t for t in _inner(transform) if hasattr(t, "scale"))  # (Random)ResizedCrop(AndInterpolation)
+        return tuple(crop.scale) if key.endswith("scale") else str(crop.interpolation).split(".")[-1].lower()
+    if key.startswith("@eval."):
+        resize, center = _inner(build_transform("eval", cfg.data, train=False))[:2]
+        return {
+            "@eval.resize": resize.size,
+            "@eval.crop": center.size[0],
+            "@eval.interpolation": str(resize.interpolation).split(".")[-1].lower(),
+        }[key]
+    if key == "@teacher_url":
+        from timm.models import get_pretrained_cfg
+
+        return get_pretrained_cfg(cfg.distill.teacher).url  # the weights the timm name stands for
+    raise KeyError(key)
+
+
+def _value(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return tuple(node) if isinstance(node, tuple) else node
+
+
+def _same(actual: Any, published: Any) -> bool:
+    """Equal values: numbers numerically (40 == 40.0), tuples element-wise, the rest by type and value."""
+    if isinstance(published, tuple):
+        same_length = isinstance(actual, (tuple, list)) and len(actual) == len(published)
+        return same_length and all(map(_same, actual, published))
+    numbers = (int, float)
+    if isinstance(published, numbers) and not isinstance(published, bool):
+        return (
+            isinstance(actual, numbers) and not isinstance(actual, bool)
+            and math.isclose(actual, published, rel_tol=1e-9, abs_tol=1e-12)
+        )
+    return type(actual) is type(published) and actual == published
+
+
+# -- the tests ---------------------------------------------------------------------------------------
+
+
+def test_every_paper_config__has_a_table_of_published_values():
+    assert {p.name for p in CONFIGS.glob("*_imagenet.yaml")} == set(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_paper_config__holds_the_published_values(name):
+    cfg, processes = _load(name)
+    table = PUBLISHED[name]
+    first_line = (CONFIGS / name).read_text().splitlines()[0]
+    wrong = []
+    for key, (published, source) in table.items():
+        if key == "@result":
+            missing = [n for n in published if n not in first_line]
+            if missing:
+                wrong.append(f"line 1 does not name the published result {missing} ({source})")
+            continue
+        actual = _derived(cfg, key, processes) if key.startswith("@") else _value(cfg, key)
+        if not _same(actual, published):
+            wrong.append(f"{key}: config gives {actual!r}, published {published!r} ({source})")
+    assert not wrong, f"{name} (with {processes} processes):\n  " + "\n  ".join(wrong)
+
+
+def test_the_comparison__catches_a_changed_value():
+    """The check above is not vacuous: one hyperparameter off by a little is reported."""
+    cfg, processes = _load("mae_vit_base_imagenet.yaml")
+    cfg.optim.betas = (0.9, 0.999)
+    cfg.train.grad_accum_steps = 2
+    assert not _same(_value(cfg, "optim.betas"), PUBLISHED["mae_vit_base_imagenet.yaml"]["optim.betas"][0])
+    assert _derived(cfg, "@effective_batch", processes) != 4096
+    assert not _same(1.5e-4 * 1.01, 1.5e-4) and not _same(0, None) and not _same(True, 1)
