@@ -18,6 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ssl_vit.accepts import non_negative, rule_of, setting
+
 __all__ = [
     "ConfigError",
     "PretrainConfig",
@@ -173,8 +175,37 @@ def _coerce(value: Any, tp: Any, key: str, root: type) -> Any:
     raise bad()
 
 
+def _is_integer_type(tp: Any) -> bool:
+    inner, _ = _unwrap_optional(tp)
+    if typing.get_origin(inner) in (list, tuple):
+        args = typing.get_args(inner)
+        return bool(args) and args[0] is int
+    return inner is int
+
+
+def describe_rule(field: dataclasses.Field, tp: Any) -> str:
+    """What a field accepts, in words ("an integer >= 1"), or "" when it declares nothing."""
+    rule, _ = rule_of(field)
+    return rule.describe(_is_integer_type(tp)) if rule is not None else ""
+
+
+def _check_value(field: dataclasses.Field, tp: Any, value: Any, key: str) -> None:
+    """The field's declared rule (ssl_vit/accepts.py): a value outside it is a ConfigError naming the fix."""
+    rule, meaning = rule_of(field)
+    if rule is None or value is None or rule.accepts(value):
+        return
+    what = f" ({meaning})" if meaning else ""
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    example = f" (e.g. {key}={default!r}, the default)" if default is not None else ""
+    raise ConfigError(
+        f"{key}={value!r}: must be {rule.describe(_is_integer_type(tp))}{what}. Set {key} to such a value"
+        f"{example} on the command line or in the YAML; --help lists what every key accepts."
+    )
+
+
 def _from_dict(schema: type, data: dict, prefix: str, root: type) -> Any:
     hints = _hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
@@ -184,6 +215,7 @@ def _from_dict(schema: type, data: dict, prefix: str, root: type) -> Any:
                 key = f"{key}.{sub}"
             raise _unknown_key_error(key, root)
         kwargs[name] = _coerce(value, hints[name], key, root)
+        _check_value(fields[name], hints[name], kwargs[name], key)
     # Nested groups not named in the data still get their defaults merged with nothing.
     return schema(**kwargs)
 
@@ -314,17 +346,20 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict, bool]:
 
 
 def format_help(schema: type, defaults: Any) -> str:
-    lines = ["usage: [--config FILE] [key=value ...]", "", "keys (current value):"]
+    lines = ["usage: [--config FILE] [key=value ...]", "", "keys (current value) (type; what it accepts; meaning):"]
     flat = _flatten(config_to_dict(defaults))
     hints = {}
 
     def walk(s: type, prefix: str) -> None:
+        fields = {f.name: f for f in dataclasses.fields(s)}
         for name, tp in _hints(s).items():
             inner, _ = _unwrap_optional(tp)
             if _is_dataclass_type(inner):
                 walk(inner, f"{prefix}{name}.")
             else:
-                hints[f"{prefix}{name}"] = _type_name(tp)
+                _, meaning = rule_of(fields[name])
+                parts = [_type_name(tp), describe_rule(fields[name], tp), meaning]
+                hints[f"{prefix}{name}"] = "; ".join(p for p in parts if p)
 
     walk(schema, "")
     for key, tp in hints.items():
@@ -388,7 +423,7 @@ class PretrainConfig:
     """
 
     output_dir: str = "outputs/pretrain"
-    seed: int = 0
+    seed: int = setting(0, non_negative(), "seeds init, data order, augmentations and masks")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

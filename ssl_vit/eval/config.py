@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ssl_vit.accepts import at_least, each, non_negative, positive, setting
+
 from ssl_vit.config import ConfigError
 from ssl_vit.data.config import DataConfig
 from ssl_vit.engine.config import OptimConfig, TrainConfig
@@ -36,7 +38,7 @@ class FeaturesConfig:
     # MAE's and DINO's choice). "avg": the mean of the patch tokens after the final norm.
     pool: Literal["token", "avg"] = "token"
     # Images per process per forward pass.
-    batch_size: int = 256
+    batch_size: int = setting(256, at_least(1), 'images per feature pass')
     # Features are cached here as safetensors, keyed by checkpoint + data + transform + pooling, so
     # several probes of one checkpoint compute them once. null: no cache.
     cache_dir: Optional[str] = "outputs/feature_cache"
@@ -49,13 +51,13 @@ class FeaturesConfig:
 class KNNConfig:
     """DINO's weighted kNN (Caron et al. 2021; facebookresearch/dino eval_knn.py)."""
 
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    ks: list[int] = setting([10, 20, 100, 200], each(at_least(1)), 'neighbour counts')
     # The k whose accuracy is the headline `top1` (DINO reports k=20).
-    report_k: int = 20
-    temperature: float = 0.07
+    report_k: int = setting(20, at_least(1), 'the k of the headline top-1')
+    temperature: float = setting(0.07, positive(), 'kNN vote temperature')
     # Memory is O(query_chunk * train_chunk): bounded however large the training set is.
-    query_chunk: int = 256
-    train_chunk: int = 65536
+    query_chunk: int = setting(256, at_least(1))
+    train_chunk: int = setting(65536, at_least(1))
 
 
 @dataclass
@@ -67,7 +69,7 @@ class ProbeConfig:
     mode: Literal["features", "augment"] = "features"
     # Base learning rates to sweep (each scaled like optim.blr: lr = blr * batch / 256). Empty: only
     # optim.blr. On cached features all heads train together in one pass; the best is reported.
-    lrs: list[float] = field(default_factory=list)
+    lrs: list[float] = setting([], each(positive()), 'base lrs to sweep')
 
 
 def _probe_optim() -> OptimConfig:
@@ -95,10 +97,10 @@ class KNNEvalConfig:
     # A run's output_dir, a backbone.safetensors, a timm state dict, an imported MAE/DeiT checkpoint,
     # or "random" (a randomly initialised `model.*`: the floor every pretraining must beat).
     checkpoint: str = "random"
-    seed: int = 0
+    seed: int = setting(0, non_negative())
     # Repeat with these seeds and report mean and std (null: [seed]). `--seeds 0 1 2` works too.
     # kNN itself is deterministic; seeds change the backbone only for checkpoint=random.
-    seeds: Optional[list[int]] = None
+    seeds: Optional[list[int]] = setting(None, each(non_negative()))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -111,8 +113,8 @@ class LinearProbeEvalConfig:
 
     output_dir: str = "outputs/linear_probe"
     checkpoint: str = "random"
-    seed: int = 0
-    seeds: Optional[list[int]] = None
+    seed: int = setting(0, non_negative())
+    seeds: Optional[list[int]] = setting(None, each(non_negative()))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -132,8 +134,8 @@ class FinetuneEvalConfig:
 
     output_dir: str = "outputs/finetune"
     checkpoint: str = "random"
-    seed: int = 0
-    seeds: Optional[list[int]] = None
+    seed: int = setting(0, non_negative())
+    seeds: Optional[list[int]] = setting(None, each(non_negative()))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.1))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))

@@ -31,6 +31,13 @@ def load_tensor_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    what = _not_a_checkpoint(path)
+    if what is not None:
+        raise ValueError(
+            f"{path} is {what}, not a checkpoint: give a run's output_dir, a backbone.safetensors, or a "
+            f"weights file (safetensors, or a torch.save .pth/.bin/.pt), e.g. from timm, facebookresearch/mae "
+            f"or deit, or Hugging Face."
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -59,6 +66,32 @@ def load_tensor_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
     return obj
+
+
+# The first bytes of files people pass by mistake, and of the formats we read.
+_IMAGE_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image"}
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle (protocol >= 2)
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What `path` is when it clearly is no weights file (empty, an image, text), else None."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file (0 bytes)"
+    for magic, what in _IMAGE_MAGIC.items():
+        if head.startswith(magic):
+            return what
+    if head.startswith(_CHECKPOINT_MAGIC):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # binary of some other kind: the reader below says why it cannot read it
+    if text.isprintable() or all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"a text file (it starts {first!r})"
+    return None
 
 
 def load_tensors(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
+from ssl_vit.accepts import positive, probability, setting
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,8 +42,8 @@ class DistillConfig:
     """`distill.*`: DeiT distillation (Touvron et al. 2020): hard beat soft in the paper."""
 
     type: DistillType = "hard"
-    alpha: float = 0.5
-    tau: float = 1.0
+    alpha: float = setting(0.5, probability(), 'weight of the distillation loss')
+    tau: float = setting(1.0, positive(), 'soft-distillation temperature')
     # A checkpoint directory/file written by the supervised recipe (any architecture), or a timm model
     # name with published weights (downloaded once, e.g. "regnety_160.deit_in1k" as in the paper).
     teacher: Optional[str] = None

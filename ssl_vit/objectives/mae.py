@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar, Sequence
 
+from ssl_vit.accepts import at_least, between, setting
+
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
@@ -29,10 +31,10 @@ __all__ = ["MAE", "MAEConfig"]
 class MAEConfig:
     """`mae.*`: He et al. 2021 defaults (PROTOCOLS.md); small-image configs shrink the decoder."""
 
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    mask_ratio: float = setting(0.75, between(0, 1, open=True), 'the fraction of patches masked')
+    decoder_dim: int = setting(512, at_least(4), 'decoder width (a multiple of 4 and of decoder_heads)')
+    decoder_depth: int = setting(8, at_least(1), 'decoder blocks')
+    decoder_heads: int = setting(16, at_least(1))
     norm_pix_loss: bool = True
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ssl_vit.accepts import Range, non_negative, probability, setting
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,11 +25,11 @@ __all__ = ["MixTargets", "Supervised", "SupervisedConfig", "soft_target_cross_en
 class SupervisedConfig:
     """`supervised.*`: DeiT recipe defaults: label smoothing 0.1; mixup 0.8 / cutmix 1.0 are set by the paper configs."""
 
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    label_smoothing: float = setting(0.1, Range(0, 1, high_open=True))
+    mixup: float = setting(0.0, non_negative(), "mixup's Beta alpha; 0: off")
+    cutmix: float = setting(0.0, non_negative(), "cutmix's Beta alpha; 0: off")
+    mixup_prob: float = setting(1.0, probability(), 'probability of mixing a batch')
+    mixup_switch_prob: float = setting(0.5, probability(), 'probability of cutmix instead of mixup')
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
