@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from ssl_vit.accepts import at_least, each, non_negative, positive, setting
 from ssl_vit.config import ConfigError, config_from_dict
 
 __all__ = [
@@ -60,9 +61,9 @@ class BudgetConfig:
     # "seconds": train.max_seconds = seconds (the run stops at the first step past the limit).
     # "epochs": train.epochs = epochs. "none": each recipe's own config decides.
     kind: Literal["images", "seconds", "epochs", "none"] = "none"
-    images: Optional[int] = None
-    seconds: Optional[float] = None
-    epochs: Optional[int] = None
+    images: Optional[int] = setting(None, at_least(1), "images seen by each pretraining")
+    seconds: Optional[float] = setting(None, positive(), "training seconds of each pretraining")
+    epochs: Optional[int] = setting(None, at_least(1), "epochs of each pretraining")
 
 
 @dataclass
@@ -72,11 +73,11 @@ class LauncherConfig:
     kind: Literal["python", "accelerate"] = "python"
     # accelerate only: `--config_file` (made by `accelerate config`) and `--num_processes`.
     config_file: Optional[str] = None
-    num_processes: Optional[int] = None
+    num_processes: Optional[int] = setting(None, at_least(1))
     # More `accelerate launch` arguments, e.g. ["--mixed_precision", "bf16"].
     args: list[str] = field(default_factory=list)
     # Stop a run after this many seconds (it is then reported as failed); None: no limit.
-    timeout_s: Optional[float] = None
+    timeout_s: Optional[float] = setting(None, positive(), "seconds before a run is stopped")
 
 
 @dataclass
@@ -113,7 +114,7 @@ class EvalEntry:
     config: Optional[str] = None
     overrides: dict = field(default_factory=dict)
     # Seeds of this protocol (e.g. one for a costly fine-tune); None: the plan's. Every method gets the same.
-    seeds: Optional[list[int]] = None
+    seeds: Optional[list[int]] = setting(None, each(non_negative()))
 
 
 @dataclass
@@ -129,10 +130,10 @@ class ComparePlan:
     # Overrides given to every pretraining run (after `shared`).
     pretrain_shared: dict = field(default_factory=dict)
     # Evaluation seeds, the same for every method (each eval recipe gets seeds=[...]).
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = setting([0], each(non_negative()), "evaluation seeds")
     # Pretraining seeds: each pretraining entry runs once per seed (seed=<s>) and the table gives the mean,
     # std and 95% t-interval over them. None: one run per entry with its config's seed (no interval).
-    pretrain_seeds: Optional[list[int]] = None
+    pretrain_seeds: Optional[list[int]] = setting(None, each(non_negative()), "pretraining seeds")
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     pretrain: list[dict] = field(default_factory=list)

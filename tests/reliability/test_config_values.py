@@ -17,6 +17,7 @@ from PIL import Image
 from reliability_common import TINY_MAE, load_recipe, one_paragraph
 
 from ssl_vit.accepts import Each, Range, rule_of
+from ssl_vit.compare.plan import BudgetConfig, ComparePlan, EvalEntry, LauncherConfig, PretrainEntry
 from ssl_vit.config import ConfigError, PretrainConfig, load_config
 from ssl_vit.eval.config import FinetuneEvalConfig, KNNEvalConfig, LinearProbeEvalConfig
 from ssl_vit.objectives import get_objective
@@ -25,6 +26,8 @@ BUILTIN_OBJECTIVES = ("mae", "supervised", "deit")
 # (schema, the arguments that choose it): every recipe schema, each objective's groups included.
 SCHEMAS = [(PretrainConfig, [f"objective.name={name}"]) for name in BUILTIN_OBJECTIVES] + [
     (KNNEvalConfig, []), (LinearProbeEvalConfig, []), (FinetuneEvalConfig, []),
+    # tools/compare.py plans: the plan, its budget and launcher, its pretraining and evaluation entries.
+    (ComparePlan, []), (BudgetConfig, []), (LauncherConfig, []), (PretrainEntry, []), (EvalEntry, []),
 ]
 
 
@@ -76,6 +79,11 @@ def test_every_numeric_field__declares_what_it_accepts_and_its_default_is_accept
     assert default is None or rule.accepts(default), key
 
 
+def output_dir(schema: type, out: Path) -> list[str]:
+    """Recipe schemas write to output_dir (it must stay untouched); plan schemas have none."""
+    return [f"output_dir={out}"] if "output_dir" in {f.name for f in dataclasses.fields(schema)} else []
+
+
 def outside(rule: Range | Each, integer: bool) -> st.SearchStrategy:
     """Values the rule refuses: at or past each bound."""
     inner = rule.rule if isinstance(rule, Each) else rule
@@ -104,7 +112,7 @@ def test_values_outside_the_declared_range__are_a_config_error_naming_the_key_an
     value = data.draw(outside(rule, is_integer(tp)))
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as caught:
-        load_config(schema, [*choose, f"{key}={value!r}", f"output_dir={out}"])
+        load_config(schema, [*choose, f"{key}={value!r}", *output_dir(schema, out)])
     message = str(caught.value)
     assert message.startswith(f"{key}=") and "must be" in message and one_paragraph(message), message
     assert not out.exists()
@@ -114,7 +122,7 @@ def test_values_outside_the_declared_range__are_a_config_error_naming_the_key_an
 def test_values_outside_a_choice__are_a_config_error_naming_the_key(tmp_path, case):
     schema, choose, key = case
     with pytest.raises(ConfigError, match=rf"'{key}'.*one of"):
-        load_config(schema, [*choose, f"{key}=not_a_choice", f"output_dir={tmp_path / 'run'}"])
+        load_config(schema, [*choose, f"{key}=not_a_choice", *output_dir(schema, tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
