@@ -364,6 +364,16 @@ def test_measure__real_benchmark_is_short_and_leaves_the_global_rng_alone(monkey
         assert timing["rows"] == 1024 and timing["mkl_s"] > 0 and timing["onednn_s"] > 0
 
 
+@needs_onednn
+@pytest.mark.parametrize("second, kept", [((1.1, 0.56), True), ((1.0, 1.0), False), (None, False)])
+def test_measure__a_shape_counts_when_two_passes_agree(monkeypatch, second, kept):
+    passes = iter([(1.0, 0.5), second])  # (mkl_s, onednn_s) of each pass; None: did not settle in time
+    monkeypatch.setattr(linear, "_busy", lambda: False)
+    monkeypatch.setattr(linear, "_best_times", lambda *args: next(passes))
+    got = linear._measure([(16, 48)], budget_s=0.5)
+    assert got == ({(16, 48): {"rows": 1024, "mkl_s": 1.0, "onednn_s": 0.5}} if kept else {})
+
+
 def test_measure__busy_machine_is_not_measured(monkeypatch):
     monkeypatch.setattr(linear, "_busy", lambda: True)
     assert linear._measure([(16, 48)], budget_s=0.5) == {}
