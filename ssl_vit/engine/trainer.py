@@ -65,7 +65,10 @@ def make_accelerator(cfg: Any) -> Any:
         gradient_accumulation_steps=tc.grad_accum_steps,
         log_with="tensorboard",
         project_dir=str(cfg.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=int(cfg.seed)),
+        # Pinned host batches (data.pin_memory, on when a GPU is present) copied without blocking the host.
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=int(cfg.seed), non_blocking=torch.cuda.is_available()
+        ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tc.find_unused_parameters)],
         dynamo_backend=COMPILE_BACKEND if tc.compile else None,
         step_scheduler_with_optimizer=False,

@@ -166,3 +166,23 @@ def test_ema__is_decay_weighted_average_of_the_weights():
     ema.update(model)
     assert torch.allclose(ema.state_dict()["weight"], torch.full((1, 2), 1 - 0.9**2))
     assert math.isclose(model.weight[0, 0].item(), 1.0)
+
+
+def test_adamw__fused_on_cpu_and_equal_to_the_foreach_reference_within_rounding():
+    """The fused kernel where torch has one (CPU here): the same update as torch's foreach AdamW."""
+    torch.manual_seed(0)
+    make = lambda: [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]  # noqa: E731
+    ours, ref = make(), make()
+    for a, b in zip(ours, ref):
+        b.data.copy_(a.data)
+    cfg = OptimConfig(name="adamw", betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer = build_optimizer([{"params": ours, "weight_decay": 0.05}], cfg, lr=1e-2, device_type="cpu")
+    reference = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, foreach=True)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    for step in range(5):
+        for a, b in zip(ours, ref):
+            a.grad = b.grad = torch.randn_like(a, generator=torch.Generator().manual_seed(step))
+        optimizer.step()
+        reference.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
