@@ -28,6 +28,7 @@ _BUILTIN_MODULES = {
     "mae": "ssl_vit.objectives.mae",
     "supervised": "ssl_vit.objectives.supervised",
     "deit": "ssl_vit.objectives.distillation",
+    "dino": "ssl_vit.objectives.dino",
 }
 
 
