@@ -5,14 +5,15 @@ kernels. Which is faster depends on the CPU, not on its vendor string. Measured 
 - AMD EPYC with AVX-512 (Zen 5, 2 cores, torch 2.14.1): oneDNN 1.4-1.7x faster on ViT-Tiny blocks
   (this project's earlier measurement, when the choice was "every AMD CPU");
 - an AVX2-only AMD EPYC: oneDNN slower (issue 19), which is why the vendor string is not the test;
-- Intel Xeon with AVX-512 and AMX (KVM, 2 cores, torch 2.14.1): MKL faster, oneDNN at 0.78-0.94x of
-  its speed on ViT-Tiny's shapes, 0.45-0.87x on ViT-Base's, and 0.90x on a whole ViT-Tiny step.
+- Intel Xeon with AVX-512 and AMX (KVM, 2 cores, torch 2.14.1, load average below 1): MKL faster,
+  oneDNN at 0.74-0.93x of its speed on ViT-Tiny's linear shapes (1,024 and 4,160 rows) and
+  0.53-0.87x on ViT-Base's (512 rows), medians of 20 runs; forward alone about even (0.90-1.06x).
 
 So the path is chosen per machine:
 - `use_onednn_linears(module)` times the module's own linear shapes (forward + backward, oneDNN and
   `F.linear` in turns; a shape counts once each kernel's best time repeats within 5%, in two passes
-  that agree within 10%: about 0.4-0.8 s for a ViT-Tiny on an idle 2-core machine, at most 1.5 s per
-  process) and turns its plain `nn.Linear`s into `OneDNNLinear`s only if oneDNN is 10% or more faster
+  that agree within 10%: a pass over ViT-Tiny's shapes took 0.34-0.44 s on a quiet 2-core machine;
+  at most 1.5 s per process) and turns its plain `nn.Linear`s into `OneDNNLinear`s only if oneDNN is 10% or more faster
   over its layers. The timings are cached per CPU model, ISA flags, torch version and thread count in
   `$SSL_VIT_CACHE_DIR/onednn_linear.json` (default `~/.cache/ssl_vit/`): later runs do not measure.
   On a busy machine (1-min load average above half a core plus a quarter of the CPUs: there the
