@@ -2,7 +2,7 @@
 
 PyTorch's counter knows the GEMM, convolution and GPU attention kernels; this module adds the CPU
 kernels our models run: the CPU flash-attention kernel (forward and backward) and oneDNN's linear
-(`ssl_vit.models.vit.OneDNNLinear`). Without these a CPU step would count no attention FLOPs and,
+(`ssl_vit.ops.linear.OneDNNLinear`). Without these a CPU step would count no attention FLOPs and,
 with oneDNN linears on, almost none at all. FLOPs here are 2 per multiply-add, as PyTorch counts.
 """
 

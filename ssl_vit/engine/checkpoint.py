@@ -284,7 +284,7 @@ def _model_overrides(model_cfg: Any) -> dict[str, Any]:
     if model_cfg is None:
         return {}
     out = {}
-    for key in ("img_size", "drop_path_rate", "global_pool"):
+    for key in ("img_size", "drop_path_rate", "global_pool", "dynamic_img_size"):
         value = getattr(model_cfg, key, None)
         if value is not None:
             out[key] = value
