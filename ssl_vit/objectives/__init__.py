@@ -29,6 +29,7 @@ _BUILTIN_MODULES = {
     "supervised": "ssl_vit.objectives.supervised",
     "deit": "ssl_vit.objectives.distillation",
     "dino": "ssl_vit.objectives.dino",
+    "mocov3": "ssl_vit.objectives.mocov3",
 }
 
 
