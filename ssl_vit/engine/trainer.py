@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ssl_vit.config import ConfigError
 from ssl_vit.data.config import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.engine import checkpoint as ckpt
+from ssl_vit.engine import fsdp
 from ssl_vit.engine.evaluate import classify
 from ssl_vit.engine.process import fresh_accelerator
 from ssl_vit.engine.optim import EMA, build_optimizer, cosine_schedule, param_groups, scaled_lr
@@ -73,6 +74,7 @@ def make_accelerator(cfg: Any) -> Any:
         dynamo_backend=COMPILE_BACKEND if tc.compile else None,
         step_scheduler_with_optimizer=False,
     )
+    fsdp.enable_on_cpu(accelerator)  # Accelerate's FSDP state for multi-process CPU runs too (as on GPUs)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
         log.warning(
             "bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): it is emulated and usually much slower "
@@ -187,12 +189,17 @@ class Trainer:
         self.batch_size = _loader_batch_size(train_loader, self.tc.batch_size)
         self.effective_batch = self.batch_size * self.tc.grad_accum_steps * acc.num_processes
         self.peak_lr = scaled_lr(self.oc, self.effective_batch)
+        if self.fsdp:  # each block, then the root; before the optimizer, which then holds the shards
+            objective = fsdp.shard(objective, acc)
         optimizer = build_optimizer(
             param_groups(objective, self.oc.weight_decay, self.oc.layer_decay), self.oc, self.peak_lr, acc.device.type
         )
         self._vis_batch = self._fixed_batch(eval_loader if eval_loader is not None else train_loader)
         train_loader = seeded_loader(train_loader, cfg.seed)
-        self.model, self.optimizer, self.train_loader = acc.prepare(objective, optimizer, train_loader)
+        if self.fsdp:  # the sharded objective as it is; its optimizer and the loader through Accelerate
+            self.model, self.optimizer, self.train_loader = fsdp.prepare(acc, objective, optimizer, train_loader)
+        else:
+            self.model, self.optimizer, self.train_loader = acc.prepare(objective, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         self.ema = EMA(self.unwrapped, self.tc.ema_decay) if self.tc.ema else None
 
@@ -285,8 +292,16 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(objective state_dict, optimizer state_dict), full (gathered) copies."""
+    @property
+    def _sharded(self) -> bool:
+        """FSDP with SHARDED_STATE_DICT: checkpoints hold per-process shards (DCP), not gathered files."""
+        return self.fsdp and fsdp.sharded_checkpoints(self.accelerator)
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """(objective state_dict, optimizer state_dict), full (gathered) copies; under FSDP on the main
+        process only, and no optimizer state when checkpoints are sharded (it is saved shard by shard)."""
+        if self._sharded:
+            return fsdp.full_model_state(self.model), None
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -336,9 +351,11 @@ class Trainer:
             error = err
         self._agree_or_raise(error)
         try:
+            if self._sharded:
+                fsdp.save_sharded(tmp, self.model, self.optimizer.optimizer)
             ckpt.write_checkpoint_files(
                 tmp,
-                model_state=model_state if main else None,
+                model_state=model_state if (main and not self._sharded) else None,
                 optimizer_state=optim_state if main else None,
                 scaler_state=acc.scaler.state_dict() if (main and acc.scaler is not None) else None,
                 ema_state=self.ema.state_dict() if (main and self.ema is not None) else None,
@@ -423,16 +440,12 @@ class Trainer:
         """Restore model, optimizer, scaler, EMA, random states and data position from `folder`."""
         acc = self.accelerator
         state = ckpt.read_trainer_state(folder)
-        model_state = ckpt.read_model_state(folder)
-        optim_state = ckpt.read_optional(folder, "optimizer.pt")
+        sharded = fsdp.is_sharded(folder)  # an FSDP run's DCP shards: read by every process below
+        model_state = None if sharded else ckpt.read_model_state(folder)
+        optim_state = None if sharded else ckpt.read_optional(folder, "optimizer.pt")
         try:
-            if self.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-                set_state_dict(
-                    self.model, self.optimizer.optimizer, model_state_dict=model_state,
-                    optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True),
-                )
+            if self.fsdp or sharded:
+                fsdp.load_states(folder, self.model, self.optimizer.optimizer, model_state, optim_state)
             else:
                 self.unwrapped.load_state_dict(model_state)
                 if optim_state is not None:
