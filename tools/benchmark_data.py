@@ -7,14 +7,23 @@ Measures `make_loader` (decode + transform + collate, batch 64) on CIFAR-10
 `synthetic` data, for the mae / supervised / eval transforms with 0, 1 and 2 workers; then the
 images/s that a `vit_tiny_patch4_32` training step (forward + backward + AdamW, fp32) consumes.
 Data never bounds training when the loader delivers several times the step's rate.
+
+    python tools/benchmark_data.py --streaming --datasets cifar10 --transforms mae --workers 0,2
+
+`--streaming`: the same images written as `--shards` parquet shards and as many WebDataset tar shards
+(in a temporary folder), each read map-style (`data.streaming=false`) and streamed (`data.streaming=true`,
+every worker its own shards): the streamed path's images/s against the map-style path's on the same data.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import platform
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +55,31 @@ def measure_loader(bundle, kind: str, workers: int, batch_size: int, max_batches
     seconds = time.perf_counter() - start
     del it, loader  # stop the workers before the next measurement
     return images / seconds
+
+
+def write_shards(bundle, folder: Path, shards: int) -> dict[str, Path]:
+    """`bundle.train` as `shards` parquet files and as many WebDataset tar files (`<key>.png` + `<key>.cls`)."""
+    import datasets
+
+    train = bundle.train
+    parquet, tars = folder / "parquet", folder / "tar"
+    parquet.mkdir(parents=True)
+    tars.mkdir(parents=True)
+    raw = train.cast_column(bundle.image_column, datasets.Image(decode=False))
+    for i in range(shards):
+        part = raw.shard(num_shards=shards, index=i, contiguous=True)
+        part.cast_column(bundle.image_column, datasets.Image()).to_parquet(str(parquet / f"train-{i:05d}.parquet"))
+        with tarfile.open(tars / f"train-{i:05d}.tar", "w") as tar:
+            for k, row in enumerate(part):
+                cell = row[bundle.image_column]
+                data = cell["bytes"] if cell.get("bytes") else Path(cell["path"]).read_bytes()
+                suffix = "png" if data[:4] == b"\x89PNG" else "jpg"
+                label = str(row[bundle.label_column]).encode() if bundle.label_column else b"0"
+                for ext, payload in ((suffix, data), ("cls", label)):
+                    info = tarfile.TarInfo(f"{i:05d}{k:07d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return {"parquet shards": parquet, "tar shards": tars}
 
 
 def measure_train_step(model_name: str, batch_size: int, image_size: int, steps: int, warmup: int) -> float:
@@ -85,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step-batches", type=int, default=5, help="timed training steps ('0' skips the step)")
     p.add_argument("--cache-dir", default=None, help="datasets cache for CIFAR-10's Arrow copy (default: HF's)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--streaming", action="store_true",
+                   help="compare the streamed path with the map-style one on the same data written as shards")
+    p.add_argument("--shards", type=int, default=8, help="--streaming: shards of each format")
     args = p.parse_args(argv)
 
     results: dict = {
@@ -104,12 +141,23 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             p.error(f"unknown dataset '{name}': use cifar10 or synthetic")
         bundle = load_data(cfg, need_labels=True)
-        for kind in args.transforms.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
-                ips = measure_loader(bundle, kind, workers, args.batch_size, args.max_batches, args.warmup)
-                results["loader"].append({"dataset": name, "transform": kind, "workers": workers, "images_per_s": ips})
-                rows.append((name, kind, workers, ips))
-                print(f"  {name:10s} {kind:10s} workers={workers}: {ips:8.0f} images/s", flush=True)
+        sources = [(name, bundle)]
+        if args.streaming:  # the same images as shards, read map-style and streamed
+            tmp = Path(tempfile.mkdtemp(prefix="benchmark_data_"))
+            for fmt, folder in write_shards(bundle, tmp, args.shards).items():
+                for streaming in (False, True):
+                    sharded = DataConfig(name=str(folder), image_size=32, streaming=streaming, val_fraction=0.0,
+                                         cache_dir=str(tmp / "cache"), num_classes=bundle.num_classes)
+                    path = "streamed" if streaming else "map-style"
+                    sources.append((f"{name} {fmt} {path}", load_data(sharded, need_labels=False)))
+        for label, data in sources:
+            for kind in args.transforms.split(","):
+                for workers in (int(w) for w in args.workers.split(",")):
+                    ips = measure_loader(data, kind, workers, args.batch_size, args.max_batches, args.warmup)
+                    results["loader"].append(
+                        {"dataset": label, "transform": kind, "workers": workers, "images_per_s": ips})
+                    rows.append((label, kind, workers, ips))
+                    print(f"  {label:10s} {kind:10s} workers={workers}: {ips:8.0f} images/s", flush=True)
 
     step_ips = None
     if args.step_batches > 0:

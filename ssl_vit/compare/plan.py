@@ -68,16 +68,47 @@ class BudgetConfig:
 
 @dataclass
 class LauncherConfig:
-    """How each run is started: `python recipes/X.py ...` or `accelerate launch ... recipes/X.py ...`."""
+    """How each run is started: `python recipes/X.py ...`, `accelerate launch ... recipes/X.py ...`, or as a
+    job through submitit (SLURM, or `cluster: local` on this machine), one process per task."""
 
-    kind: Literal["python", "accelerate"] = "python"
+    kind: Literal["python", "accelerate", "submitit"] = "python"
     # accelerate only: `--config_file` (made by `accelerate config`) and `--num_processes`.
     config_file: Optional[str] = None
     num_processes: Optional[int] = setting(None, at_least(1))
     # More `accelerate launch` arguments, e.g. ["--mixed_precision", "bf16"].
     args: list[str] = field(default_factory=list)
-    # Stop a run after this many seconds (it is then reported as failed); None: no limit.
+    # python / accelerate: stop a run after this many seconds (it is then reported as failed); None: no limit.
     timeout_s: Optional[float] = setting(None, positive(), "seconds before a run is stopped")
+
+    # submitit only (pip install -e ".[submitit]"): every run is a job of nodes x tasks_per_node processes,
+    # each running the recipe with torch.distributed's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) set,
+    # as torchrun would. Runs that do not depend on each other are submitted together; a run waits for the
+    # jobs of the runs it needs. "local": jobs run on this machine (one node), to try a plan out.
+    cluster: Literal["slurm", "local"] = "slurm"
+    nodes: int = setting(1, at_least(1), "nodes per job")
+    gpus_per_node: int = setting(0, non_negative(), "GPUs per node")
+    # Processes per node; None: one per GPU (gpus_per_node), or 1 without GPUs.
+    tasks_per_node: Optional[int] = setting(None, at_least(1), "processes per node")
+    cpus_per_task: Optional[int] = setting(None, at_least(1), "CPU cores per process")
+    mem_gb: Optional[float] = setting(None, positive(), "memory per node in GB")
+    partition: Optional[str] = None
+    # The job's time limit (SLURM's --time). A pretraining cut short by it resumes when the plan is rerun.
+    timeout_min: int = setting(60, at_least(1), "each job's time limit in minutes")
+    # More sbatch options, e.g. {account: my_account, qos: high, constraint: a100}.
+    slurm_args: dict = field(default_factory=dict)
+    # Shell lines run at the start of each job (module load ..., source venv/bin/activate).
+    setup: list[str] = field(default_factory=list)
+    # Seconds between checks of the submitted jobs' states.
+    poll_s: float = setting(30.0, positive(), "seconds between job-state checks")
+
+    @property
+    def processes(self) -> int:
+        """Processes of one run: 1 (python), num_processes (accelerate), nodes x tasks per node (submitit)."""
+        if self.kind == "accelerate":
+            return self.num_processes or 1
+        if self.kind == "submitit":
+            return self.nodes * (self.tasks_per_node or max(self.gpus_per_node, 1))
+        return 1
 
 
 @dataclass
@@ -186,10 +217,7 @@ def plan_from_dict(data: dict, source: str = "plan") -> ComparePlan:
     _check_names([e.name for e in plan.pretrain], "pretrain", source)
     _check_names([e.name or e.protocol for e in plan.evaluations], "evaluations", source)
     _check_budget(plan.budget, source)
-    if plan.launcher.kind == "python" and (plan.launcher.config_file or plan.launcher.num_processes):
-        raise ConfigError(
-            f"{source}: launcher.config_file/num_processes need launcher.kind: accelerate (python runs one process)."
-        )
+    _check_launcher(plan.launcher, source)
     for key in ("shared", "pretrain_shared"):
         _check_overrides(getattr(plan, key), f"{source}: {key}")
     if seeds is not None:
@@ -202,6 +230,29 @@ def plan_from_dict(data: dict, source: str = "plan") -> ComparePlan:
                 f"pretraining run; remove it (or drop pretrain_seeds)."
             )
     return plan
+
+
+_SUBMITIT_KEYS = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "partition",
+                  "timeout_min", "slurm_args", "setup", "poll_s")
+
+
+def _check_launcher(launcher: LauncherConfig, source: str) -> None:
+    """Keys of one launcher kind given with another are errors, not silently ignored settings."""
+    given = [k for k in _SUBMITIT_KEYS if getattr(launcher, k) != getattr(LauncherConfig(), k)]
+    if launcher.kind != "submitit" and given:
+        raise ConfigError(f"{source}: launcher.{', launcher.'.join(given)} need(s) launcher.kind: submitit.")
+    if launcher.kind != "accelerate" and (launcher.config_file or launcher.num_processes):
+        processes = "python runs one process" if launcher.kind == "python" else "submitit: nodes x tasks_per_node"
+        raise ConfigError(f"{source}: launcher.config_file/num_processes need launcher.kind: accelerate ({processes}).")
+    if launcher.kind == "submitit":
+        if launcher.timeout_s is not None:
+            raise ConfigError(f"{source}: launcher.timeout_s is for python/accelerate runs; a job's limit is "
+                              f"launcher.timeout_min.")
+        if launcher.args:
+            raise ConfigError(f"{source}: launcher.args are `accelerate launch` arguments; a submitit job runs the "
+                              f"recipe with python in each of its processes.")
+        if launcher.cluster == "local" and launcher.nodes > 1:
+            raise ConfigError(f"{source}: launcher.cluster: local runs jobs on this machine, one node: set nodes: 1.")
 
 
 def _pretrain_entry(data: Any, where: str) -> PretrainEntry:
@@ -340,7 +391,7 @@ class Run:
         """The full command line (launcher + script + args)."""
         if self.script is None:
             return []
-        if launcher.kind == "accelerate":
+        if launcher.kind == "accelerate":  # (submitit: each of a job's processes runs python script args)
             cmd = [python, "-m", "accelerate.commands.launch"]
             if launcher.config_file:
                 cmd += ["--config_file", str(launcher.config_file)]
@@ -458,8 +509,7 @@ def resolve_runs(plan: ComparePlan, out: Path) -> list[Run]:
     eval recipes draw the random backbone from the eval seed): each eval seed is then one init.
     """
     out = Path(out).resolve()
-    launcher = plan.launcher
-    nproc = (launcher.num_processes or 1) if launcher.kind == "accelerate" else 1
+    nproc = plan.launcher.processes
     entries: list[PretrainEntry] = plan.pretrain  # type: ignore[assignment]
     only_out = {"out": out}  # shared settings reach every run: they may name the folder, not an entry
     shared = {k: _substitute(v, only_out, "shared", set()) for k, v in flatten_overrides(plan.shared).items()}

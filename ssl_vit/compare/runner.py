@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ssl_vit.cluster import MARKER, results_exist, write_marker
 from ssl_vit.compare.plan import LauncherConfig, Run
 
-__all__ = ["MARKER", "RunStatus", "execute", "is_complete", "outputs_exist", "run_state"]
-
-MARKER = "compare_run.json"
+__all__ = ["MARKER", "RunStatus", "decide", "execute", "is_complete", "outputs_exist", "run_state"]
 
 
 @dataclass
@@ -48,11 +47,7 @@ class RunStatus:
 
 def outputs_exist(run: Run) -> bool:
     """The files a finished run leaves: metrics.json (eval) or backbone.safetensors + .json (pretrain)."""
-    if run.kind == "checkpoint":
-        return True
-    if run.kind == "eval":
-        return (run.output_dir / "metrics.json").is_file()
-    return (run.output_dir / "backbone.safetensors").is_file() and (run.output_dir / "backbone.json").is_file()
+    return results_exist(run.kind, run.output_dir)
 
 
 def read_marker(run: Run) -> dict:
@@ -86,12 +81,7 @@ def is_complete(run: Run) -> bool:
 
 
 def _write_marker(run: Run, **fields) -> None:
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    path = run.output_dir / MARKER
-    data = {"run": run.id, "fingerprint": run.fingerprint, **fields}
-    tmp = path.with_name(f"{MARKER}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_marker(run.output_dir, run.id, run.fingerprint, **fields)
 
 
 def _set_aside(path: Path) -> Path:
@@ -113,29 +103,20 @@ def execute(
     python: str = sys.executable,
     echo: Callable[[str], None] = print,
 ) -> dict[str, RunStatus]:
-    """Run every selected run that is not complete, in order; a failure blocks only its dependants."""
+    """Run every selected run that is not complete, in order; a failure blocks only its dependants.
+
+    With `launcher.kind: submitit` each run is a job instead, and runs go out as soon as what they need is
+    done (jobs.py).
+    """
+    if launcher.kind == "submitit" and not dry_run:
+        from ssl_vit.compare.jobs import execute_jobs  # jobs.py builds on this module's helpers
+
+        return execute_jobs(runs, launcher, logs_dir, selected=selected, python=python, echo=echo)
     statuses: dict[str, RunStatus] = {}
     for run in runs:
-        if run.kind == "checkpoint":
-            statuses[run.id] = RunStatus(run.id, "checkpoint", run.checkpoint or "")
-            continue
-        state = run_state(run)
-        if state == "complete" and any(statuses[d].state == "ran" for d in run.depends if d in statuses):
-            state = "partial"  # what it judged was just (re)made: judge it again
-        if state == "complete":
-            statuses[run.id] = RunStatus(run.id, "complete", "outputs present", seconds=read_marker(run).get("seconds"))
-            echo(f"[skip]    {run.id}: complete ({run.output_dir})")
-            continue
-        if selected is not None and run.id not in selected:
-            statuses[run.id] = RunStatus(run.id, "unselected", "not run: not selected by --only")
-            continue
-        failed_deps = [d for d in run.depends if d in statuses and statuses[d].state in ("failed", "blocked")]
-        if any(statuses.get(d) and statuses[d].state == "unselected" for d in run.depends):
-            statuses[run.id] = RunStatus(run.id, "unselected", "not run: what it needs was not selected by --only")
-            continue
-        if failed_deps:
-            statuses[run.id] = RunStatus(run.id, "blocked", f"needs {', '.join(failed_deps)}, which did not complete")
-            echo(f"[blocked] {run.id}: {statuses[run.id].detail}")
+        state, settled = decide(run, statuses, selected, echo)
+        if settled is not None:
+            statuses[run.id] = settled
             continue
         cmd = run.command(launcher, python)
         if dry_run:
@@ -151,6 +132,37 @@ def execute(
             echo(f"[stale]   {run.id}: made from other settings; kept aside as {old}")
         statuses[run.id] = _launch(run, cmd, logs_dir, launcher.timeout_s, resume=state == "partial", echo=echo)
     return statuses
+
+
+def decide(run: Run, statuses: dict[str, RunStatus], selected: Optional[set[str]],
+           echo: Callable[[str], None]) -> tuple[str, Optional[RunStatus]]:
+    """(run_state, the run's status when it is not to run: a checkpoint, complete, unselected or blocked).
+
+    `statuses` holds what became of the runs it depends on (they come first).
+    """
+    if run.kind == "checkpoint":
+        return "complete", RunStatus(run.id, "checkpoint", run.checkpoint or "")
+    state = run_state(run)
+    if state == "complete" and any(statuses[d].state == "ran" for d in run.depends if d in statuses):
+        state = "partial"  # what it judged was just (re)made: judge it again
+    if state == "complete":
+        marker = read_marker(run)
+        job = marker.get("job_id")
+        if job and not marker.get("collected", True):  # its job ended after the last invocation stopped
+            echo(f"[collect] {run.id}: job {job} finished ({run.output_dir})")
+        else:
+            echo(f"[skip]    {run.id}: complete ({run.output_dir})")
+        return state, RunStatus(run.id, "complete", "outputs present", seconds=marker.get("seconds"))
+    if selected is not None and run.id not in selected:
+        return state, RunStatus(run.id, "unselected", "not run: not selected by --only")
+    failed_deps = [d for d in run.depends if d in statuses and statuses[d].state in ("failed", "blocked")]
+    if any(statuses.get(d) and statuses[d].state == "unselected" for d in run.depends):
+        return state, RunStatus(run.id, "unselected", "not run: what it needs was not selected by --only")
+    if failed_deps:
+        status = RunStatus(run.id, "blocked", f"needs {', '.join(failed_deps)}, which did not complete")
+        echo(f"[blocked] {run.id}: {status.detail}")
+        return state, status
+    return state, None
 
 
 def _launch(run: Run, cmd: list[str], logs_dir: Path, timeout_s: Optional[float], *, resume: bool,

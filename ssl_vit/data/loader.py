@@ -7,6 +7,8 @@ back to disk. Batches are dicts `{"pixel_values": (B, 3, H, W) float32, "labels"
 Sharding across processes is Accelerate's job (`accelerator.prepare(loader)`): it splits the batches
 of our batch sampler between processes. Our samplers draw the same seeded permutation in every
 process (seed + epoch, no global RNG), so the shards are disjoint and together cover the epoch.
+Streamed local shards (parquet / WebDataset tar) are the exception: each process reads its own shards
+(`split_dataset_by_node`) with an equal quota per epoch, and the loader comes back already prepared.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.data_loader import prepare_data_loader
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Sampler, SequentialSampler, default_collate
 
@@ -206,15 +210,38 @@ class MapImages(torch.utils.data.Dataset):
 
 
 class StreamImages(torch.utils.data.IterableDataset):
-    """Iterable view of a streamed HF IterableDataset (shuffled with a buffer when training)."""
+    """Iterable view of a streamed HF IterableDataset (shuffled with a seeded buffer when training).
 
-    def __init__(self, hf_dataset: Any, rows: _Rows, *, shuffle: bool, seed: int, buffer: int, repeats: int):
+    Each sample's augmentation is seeded by (seed, epoch, rank, worker, its position in that worker's
+    stream), so an epoch is the same sequence of samples and crops however it is read: a run resumed
+    mid-epoch re-reads the epoch's stream and skips the batches it trained on (count and skip), and
+    continues at the exact sample. `quota`: every worker yields exactly this many samples per epoch
+    (streams split across processes: equal batch counts everywhere, so no process waits at a
+    collective for one that ran out); a worker whose rows were skipped as corrupt goes round again.
+    """
+
+    def __init__(
+        self,
+        hf_dataset: Any,
+        rows: _Rows,
+        *,
+        shuffle: bool,
+        seed: int,
+        buffer: int,
+        repeats: int,
+        rank: int = 0,
+        quota: Optional[int] = None,
+        workers: int = 0,
+    ):
         self.hf = hf_dataset
         self.rows = rows
         self.shuffle = shuffle
         self.seed = seed
         self.buffer = buffer
         self.repeats = repeats
+        self.rank = rank
+        self.quota = quota
+        self.streams = max(workers, 1)
         self.epoch = 0
 
     @property
@@ -224,33 +251,59 @@ class StreamImages(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def __len__(self) -> int:
+        """Samples per epoch in this process (with a quota: an epoch of known length); else TypeError."""
+        if self.quota is None:
+            raise TypeError("a stream without per-shard row counts has no length")
+        return self.quota * self.streams
+
+    def __getitem__(self, index: int) -> tuple:
+        raise TypeError("a stream is read in order, not by index")  # as for any object without indexing
+
     def __iter__(self) -> Iterator[tuple]:
+        # Imported here: ssl_vit.engine imports ssl_vit.data.
+        from ssl_vit.engine.seeding import _seed_all, isolated_rng, mix_seed
+
         info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        epoch = self.epoch
+        if info is None:
+            self.epoch += 1  # a pass without set_epoch: the next one is shuffled anew
         stream = self.hf
         if self.shuffle:
-            # Every worker must shuffle shards the same way (datasets then deals shards to workers):
-            # seed + epoch, where a worker reads the epoch from the shared base seed of this pass.
-            epoch = self.epoch if info is None else (torch.initial_seed() - info.id) % 2**31
+            # Every worker (and process) shuffles shards the same way; datasets then deals them out.
             stream = stream.shuffle(seed=self.seed, buffer_size=self.buffer)
             stream.set_epoch(epoch)
-        if info is None:
-            self.epoch += 1
-        worker = "" if info is None else f" (worker {info.id})"
-        n = 0
-        for position, row in enumerate(stream):
-            # Repeated augmentation on a stream: every r-th row, r views of it (DeiT keeps the epoch
-            # length and sees 1/r of the images per epoch, differently each epoch).
-            if self.repeats > 1 and position % self.repeats:
-                continue
-            item = self.rows.sample(row[self.rows.image_column], row.get(self.rows.label_column), f"{position}{worker}")
-            if item is None:
-                continue
-            n += 1
-            yield item
-            for _ in range(self.repeats - 1):
-                yield self.rows.sample(row[self.rows.image_column], row.get(self.rows.label_column), position)
-        if n == 0 and info is None:
-            raise DataError(f"{self.rows.where} yielded no readable rows: check data.name and the split.")
+        where = "" if info is None else f" (worker {info.id})"
+        image_col, label_col = self.rows.image_column, self.rows.label_column
+        position, n = 0, 0
+        while True:
+            made_before = n
+            for row in stream:
+                # Repeated augmentation on a stream: every r-th row, r views of it (DeiT keeps the epoch
+                # length and sees 1/r of the images per epoch, differently each epoch).
+                if self.repeats > 1 and position % self.repeats:
+                    position += 1
+                    continue
+                for view in range(self.repeats):
+                    seed = mix_seed(self.seed, epoch, self.rank, worker, position, view)
+                    if info is not None:  # a worker's random streams serve the data alone: seeding is enough
+                        _seed_all(seed)
+                        item = self.rows.sample(row[image_col], row.get(label_col), f"{position}{where}")
+                    else:  # the main process's streams belong to the model (masks, drop path): put them back
+                        with isolated_rng(seed):
+                            item = self.rows.sample(row[image_col], row.get(label_col), f"{position}{where}")
+                    if item is None:
+                        break
+                    n += 1
+                    yield item
+                    if self.quota is not None and n >= self.quota:
+                        return
+                position += 1
+            if self.quota is None or n == made_before:
+                break
+        if (n == 0 and info is None) or (self.quota is not None and n < self.quota):
+            raise DataError(f"{self.rows.where} yielded no readable rows{where}: check data.name and the split.")
 
 
 class ShuffleSampler(Sampler[int]):
@@ -360,10 +413,24 @@ def make_loader(
         # Workers beyond the stream's shard count would idle (datasets deals whole shards).
         workers = min(workers, max(1, getattr(hf, "n_shards", 1)))
         common.update(num_workers=workers, persistent_workers=False)
+        state = PartialState()
+        split_here = train and split == "train" and bundle.train_shard_rows is not None
+        rank, quota = 0, None
+        if split_here:
+            hf, workers, quota = _split_stream(hf, bundle, state, workers, batch_size)
+            rank = state.process_index
+            common.update(num_workers=workers)
+        elif train and state.num_processes > 1 and state.is_main_process:
+            logger.info(
+                "%s: streamed without per-shard row counts (a Hub stream, or an eval split carved from it): "
+                "process 0 reads it and sends every process its batches", rows.where,
+            )
         data = StreamImages(
-            hf, rows, shuffle=train, seed=seed, buffer=cfg.shuffle_buffer, repeats=repeated_aug if train else 1
+            hf, rows, shuffle=train, seed=seed, buffer=cfg.shuffle_buffer, repeats=repeated_aug if train else 1,
+            rank=rank, quota=quota, workers=workers,
         )
-        return DataLoader(data, batch_size=batch_size, drop_last=train, **common)
+        loader = DataLoader(data, batch_size=batch_size, drop_last=train, **common)
+        return _placed_on_device(loader, state, pin) if split_here else loader
 
     data = MapImages(hf, rows)
     if train:
@@ -377,6 +444,56 @@ def make_loader(
     else:
         sampler = SequentialSampler(data)
     return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=train, **common)
+
+
+def _split_stream(hf: Any, bundle: DataBundle, state: PartialState, workers: int, batch_size: int) -> tuple:
+    """(this process's part of a stream of local shards, its worker count, samples per worker per epoch).
+
+    `datasets.distributed.split_dataset_by_node`: with a shard count divisible by the number of processes
+    each process reads its own shards; otherwise every process reads every shard and keeps 1 row in N.
+    Shards have unequal sizes, so each worker's quota is what the fewest shards it can be dealt hold:
+    every process then yields the same number of batches, and together they see each image at most once
+    an epoch (with equal shards, every image once).
+    """
+    rows = bundle.train_shard_rows
+    n, world = len(rows), state.num_processes
+    by_shards = n % world == 0
+    per_process = n // world if by_shards else n  # shards each process reads
+    workers = min(workers, per_process)
+    streams = max(workers, 1)
+    fewest = sum(sorted(rows)[: per_process // streams]) // (1 if by_shards else world)
+    quota = fewest // batch_size * batch_size
+    if quota == 0:
+        raise DataError(
+            f"split '{bundle.train_split}' of dataset '{bundle.name}': {n} shards of {min(rows)}-{max(rows)} rows "
+            f"across {world} process(es) x {streams} loader worker(s) leave a worker {fewest} rows, fewer than one "
+            f"batch of {batch_size}: lower train.batch_size or data.num_workers, or use more or larger shards."
+        )
+    if state.is_main_process:
+        total, seen = sum(rows), quota * streams * world
+        how = f"{per_process} shard(s) each" if by_shards else f"all {n} shards each, keeping 1 row in {world}"
+        logger.info(
+            "%s: streamed across %d process(es) (%s) x %d worker(s): %d samples each per epoch%s",
+            f"split '{bundle.train_split}' of dataset '{bundle.name}'", world, how, streams, quota,
+            f"; {total - seen} of {total} images left out of each epoch (unequal shards)" if seen < total else "",
+        )
+    if world > 1:
+        from datasets.distributed import split_dataset_by_node  # datasets is imported lazily (sources.py)
+
+        hf = split_dataset_by_node(hf, rank=state.process_index, world_size=world)
+    return hf, workers, quota
+
+
+def _placed_on_device(loader: DataLoader, state: PartialState, pin: bool) -> Any:
+    """`loader` wrapped by Accelerate for device placement only: it reads this process's part already, so
+    `accelerator.prepare` must neither shard it again nor dispatch it from process 0 (Accelerate returns a
+    loader marked as prepared unchanged)."""
+    prepared = prepare_data_loader(
+        loader, state.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False,
+        non_blocking=pin and state.device.type == "cuda",
+    )
+    prepared._is_accelerate_prepared = True
+    return prepared
 
 
 def _undecoded(hf: Any, bundle: DataBundle) -> Any:

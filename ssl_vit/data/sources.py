@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -67,6 +68,9 @@ class DataBundle:
     # (None: the same rows), so that errors name the row a user can find in the files.
     train_rows: Optional[np.ndarray] = None
     eval_rows: Optional[np.ndarray] = None
+    # Streamed local shards: rows per shard of `train`, in its shard order (None: unknown, e.g. a Hub
+    # stream or a carved split). What lets make_loader give every process an equal share.
+    train_shard_rows: Optional[list[int]] = None
 
     def describe(self) -> str:
         """One line for logs: source, sizes, columns and classes."""
@@ -116,34 +120,88 @@ def _as_dict(loaded: Any) -> dict[str, AnyDataset]:
     return {"train": loaded}
 
 
+# Sharded formats a local folder may hold, by file suffix: parquet, and WebDataset tar shards (one sample
+# per key: `000123.jpg` + `000123.cls`, read through datasets' "webdataset" builder).
+SHARD_FORMATS = {".parquet": "parquet", ".tar": "webdataset"}
+# WebDataset's sample key rule: the path up to the first dot of the file name (`a/b/0001.seg.png` -> `a/b/0001`).
+_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _shard_files(path: Path) -> tuple[str, dict[str, list[Path]]] | None:
+    """(datasets builder, {split: sorted shard files}) for a local shard file or folder, else None."""
+    if path.is_file():
+        fmt = SHARD_FORMATS.get(path.suffix.lower())
+        return (fmt, {"train": [path]}) if fmt else None
+    for suffix, fmt in SHARD_FORMATS.items():
+        found = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
+        if found:
+            files: dict[str, list[Path]] = {}
+            for f in found:
+                files.setdefault(_split_of_file(f, path), []).append(f)
+            return fmt, files
+    return None
+
+
 def _open_local(path: Path, cfg: DataConfig) -> dict[str, AnyDataset]:
     import datasets
 
     common = dict(cache_dir=cfg.cache_dir, streaming=cfg.streaming)
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise DataError(
-                f"data.name '{path}' is a {path.suffix or 'suffix-less'} file: a local dataset is a .parquet "
-                f"file, or a folder of parquet files, of images (class_name/*.jpg), or of save_to_disk output."
-            )
-        return _as_dict(datasets.load_dataset("parquet", data_files={"train": str(path)}, **common))
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+    if path.is_file() and path.suffix.lower() not in SHARD_FORMATS:
+        raise DataError(
+            f"data.name '{path}' is a {path.suffix or 'suffix-less'} file: a local dataset is a .parquet file or a "
+            f".tar shard (WebDataset), or a folder of parquet files, of .tar shards, of images (class_name/*.jpg), "
+            f"or of save_to_disk output."
+        )
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         loaded = _as_dict(datasets.load_from_disk(str(path)))
         if cfg.streaming:
             loaded = {k: v.to_iterable_dataset() for k, v in loaded.items()}
         return loaded
-    parquet = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    if parquet:
-        files: dict[str, list[str]] = {}
-        for p in parquet:
-            files.setdefault(_split_of_file(p, path), []).append(str(p))
-        return _as_dict(datasets.load_dataset("parquet", data_files=files, **common))
+    shards = _shard_files(path)
+    if shards is not None:
+        fmt, files = shards
+        data_files = {split: [str(f) for f in fs] for split, fs in files.items()}
+        return _as_dict(datasets.load_dataset(fmt, data_files=data_files, **common))
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         return _as_dict(datasets.load_dataset("imagefolder", data_dir=str(path), **common))
     raise DataError(
-        f"folder '{path}' holds no dataset: expected parquet files, images in class folders "
-        f"(class_name/*.jpg), or the output of Dataset.save_to_disk."
+        f"folder '{path}' holds no dataset: expected parquet files, .tar shards (WebDataset), images in class "
+        f"folders (class_name/*.jpg), or the output of Dataset.save_to_disk."
     )
+
+
+def _rows_in_shard(path: Path) -> int:
+    """Rows of one shard, from its metadata: parquet's footer, or a tar's member headers (no data read)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    samples, last = 0, None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            name = os.path.basename(member.name)
+            if not member.isreg() or name.startswith((".", "__")):
+                continue  # what datasets' tar reader skips
+            match = _WDS_KEY.match(member.name)
+            if match and match.group(1) != last:
+                samples, last = samples + 1, match.group(1)
+    return samples
+
+
+def _shard_rows(cfg: DataConfig, split: str, stream: AnyDataset) -> Optional[list[int]]:
+    """Rows per shard of a streamed local split, in the stream's shard order; None when not known up front.
+
+    What lets every process be given an equal share of a stream (see loader.py): known for local parquet
+    and tar shards, not for Hub streams.
+    """
+    path = Path(cfg.name).expanduser()
+    if not cfg.streaming or cfg.name == "synthetic" or not path.exists():
+        return None
+    shards = _shard_files(path)
+    if shards is None or split not in shards[1]:
+        return None
+    rows = [_rows_in_shard(f) for f in shards[1][split]]
+    return rows if len(rows) == getattr(stream, "n_shards", None) else None
 
 
 def _hub_offline() -> bool:
@@ -180,7 +238,7 @@ def _looks_like_path(name: str) -> bool:
         name.startswith(("/", "./", "../", "~", "."))
         or name.count("/") > 1
         or "\\" in name
-        or Path(name).suffix.lower() in {".parquet", ".arrow"} | IMAGE_SUFFIXES
+        or Path(name).suffix.lower() in {".parquet", ".arrow", ".tar"} | IMAGE_SUFFIXES
     )
 
 
@@ -349,6 +407,12 @@ def _class_info(
     return len(names), names, {v: i for i, v in enumerate(values.tolist())}
 
 
+def _is_class_label(ds: AnyDataset, column: str) -> bool:
+    import datasets
+
+    return isinstance((ds.features or {}).get(column), datasets.ClassLabel)
+
+
 def _check_label_range(
     ds: AnyDataset, label_col: str, num_classes: int, what: str, row_ids: Optional[np.ndarray] = None
 ) -> None:
@@ -455,6 +519,14 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
                 )
 
     num_classes, class_names, label_map = None, [], None
+    if label_col is not None and streaming and not need_labels and cfg.num_classes is None and not _is_class_label(
+        train, label_col
+    ):
+        # A stream's plain integer labels (WebDataset's `cls`) cannot be counted up front; a run without
+        # labels does not need them.
+        logger.info("data '%s': ignoring label column '%s' (a stream's plain labels; this run needs none)",
+                    name, label_col)
+        label_col = None
     if label_col is not None:
         parts = [("train", train)]
         if eval_ds is not None and label_col in _features(eval_ds):
@@ -482,6 +554,7 @@ def load_data(data_cfg: DataConfig, need_labels: bool, seed: int = 0) -> DataBun
         eval_split=eval_name,
         train_rows=train_rows,
         eval_rows=eval_rows,
+        train_shard_rows=None if carved else _shard_rows(cfg, cfg.train_split, train),
     )
     logger.info(bundle.describe())
     return bundle

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ssl_vit.accepts import Range, at_least, each, non_negative, positive, setting
@@ -32,6 +32,9 @@ class TrainConfig:
     resume: Optional[str] = "auto"
     # Optimizer steps between TensorBoard scalars / progress-bar updates.
     log_every: int = setting(10, at_least(1), 'optimizer steps between log lines')
+    # Experiment trackers, several at once: TensorBoard (output_dir/tb, read by tools/compare.py), W&B and
+    # MLflow (extras: pip install -e ".[wandb]" / ".[mlflow]"); ssl_vit/engine/tracking.py. []: none.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     # False: a non-finite loss stops the run (the last checkpoint is kept); True: skip the step and count it.
     skip_nonfinite: bool = False
     # torch.compile the objective (inductor; needs a C++ compiler on CPU).

@@ -29,6 +29,7 @@ from ssl_vit.engine.evaluate import classify
 from ssl_vit.engine.process import fresh_accelerator
 from ssl_vit.engine.optim import EMA, build_optimizer, cosine_schedule, param_groups, scaled_lr
 from ssl_vit.engine.seeding import capture_rng, isolated_rng, mix_seed, restore_rng, seeded_loader, set_loader_epoch
+from ssl_vit.engine.tracking import build_trackers, log_summary, start_trackers, tensorboard_writer
 from ssl_vit.objectives.base import exported_backbone
 
 __all__ = ["NonFiniteLossError", "Trainer", "cpu_has_native_bf16", "make_accelerator"]
@@ -54,7 +55,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def make_accelerator(cfg: Any) -> Any:
-    """A fresh Accelerator for this run: precision, accumulation, TensorBoard under output_dir/tb, seeded shuffling."""
+    """A fresh Accelerator for this run: precision, accumulation, trackers (train.report_to), seeded shuffling."""
     tc = cfg.train
     if tc.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError(
@@ -64,7 +65,7 @@ def make_accelerator(cfg: Any) -> Any:
     accelerator = fresh_accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.grad_accum_steps,
-        log_with="tensorboard",
+        log_with=build_trackers(cfg),  # train.report_to: TensorBoard (output_dir/tb), W&B, MLflow
         project_dir=str(cfg.output_dir),
         # Pinned host batches (data.pin_memory, on when a GPU is present) copied without blocking the host.
         dataloader_config=DataLoaderConfiguration(
@@ -526,7 +527,7 @@ class Trainer:
                 attention = attention_images(objective, batch, self.cfg)  # TensorBoard only, no PNG
         finally:
             objective.train(was_training)
-        writer = acc.get_tracker("tensorboard", unwrap=True)
+        writer = tensorboard_writer(acc)
         for name, image in attention.items():
             writer.add_image(f"vis/{name}", image, global_step=self.pos.step)
         written = []
@@ -563,7 +564,7 @@ class Trainer:
             from ssl_vit.config import save_config
 
             save_config(self.cfg, self.output_dir / "config.yaml")
-        acc.init_trackers("tb")
+        start_trackers(acc, self.cfg, resumed=source is not None)  # the resolved config as hyperparameters
         # This session's state: what the loop counts between optimizer steps and log lines.
         self._bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not acc.is_local_main_process, desc="train", dynamic_ncols=True)
         self._session_start, self._session_start_step, self._session_images = time.perf_counter(), self.pos.step, 0
@@ -728,6 +729,7 @@ class Trainer:
         if result is not None:
             summary.update(top1=result["top1"], top5=result["top5"], eval_n=result["n"])
             acc.log({"eval/top1": result["top1"], "eval/top5": result["top5"]}, step=pos.step)
+        log_summary(acc, summary, step=pos.step)
         acc.end_training()
         if acc.is_main_process:
             print(self._summary_line(summary), flush=True)
