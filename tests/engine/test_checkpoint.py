@@ -186,4 +186,4 @@ def test_accelerate_configs__parse_with_accelerate():
     kinds = {p.name: load_config_from_file(str(p)).distributed_type.value for p in folder.glob("*.yaml")}
     assert kinds == {"cpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "multi_gpu_bf16.yaml": "MULTI_GPU", "fsdp_vit_large.yaml": "FSDP"}
     fsdp = load_config_from_file(str(folder / "fsdp_vit_large.yaml")).fsdp_config
-    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Block" and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Block" and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # one file per process (engine/fsdp.py)
