@@ -25,6 +25,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 SCHEMAS = {  # the recipe named on a config's launch line -> the schema that recipe loads it with
     "mae_pretrain.py": PretrainConfig,
     "deit_pretrain.py": PretrainConfig,
+    "dino_pretrain.py": PretrainConfig,
+    "mocov3_pretrain.py": PretrainConfig,
+    "ijepa_pretrain.py": PretrainConfig,
+    "simmim_pretrain.py": PretrainConfig,
     "pretrain.py": PretrainConfig,
     "finetune.py": FinetuneEvalConfig,
     "linear_probe.py": LinearProbeEvalConfig,
@@ -48,6 +52,9 @@ DEIT_README = "facebookresearch/deit README_deit.md (model zoo; hard distillatio
 DEIT_DATASETS = "facebookresearch/deit datasets.py build_transform (Resize(256/224 * 224), CenterCrop(224))"
 DINO_KNN = "facebookresearch/dino eval_knn.py (--nb_knn, --temperature, Resize(256) + CenterCrop(224))"
 DINO_README = "facebookresearch/dino README.md (ViT-B/16: k-NN 76.1, linear 78.2)"
+MOCO_PAPER = "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
+MOCO_CONFIG = "facebookresearch/moco-v3 CONFIG.md (ViT-Small, 300 epochs: --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 --warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2)"
+MOCO_MAIN = "facebookresearch/moco-v3 main_moco.py / moco/builder.py defaults (moco-dim 256, moco-mlp-dim 4096, moco-m 0.99)"
 TIMM_TRANSFORM = "timm create_transform(is_training=True): RandomResizedCrop scale (0.08, 1.0), as both repos call it"
 
 _deit = {
@@ -177,6 +184,26 @@ PUBLISHED: dict[str, dict[str, tuple[Any, str]]] = {
         "@eval.crop": (224, DINO_KNN),
         "@eval.interpolation": ("bicubic", DINO_KNN + " Resize(256, interpolation=3)"),
         "@result": (("76.1",), DINO_README),
+    },
+    "mocov3_vit_small_imagenet.yaml": {
+        "objective.name": ("mocov3", MOCO_PAPER),
+        "model.name": ("vit_small_patch16_224", MOCO_CONFIG),
+        "model.pos_embed": ("sincos", MOCO_MAIN + ": vits.py fixed 2-D sin-cos position embedding"),
+        "data.image_size": (224, MOCO_MAIN),
+        "data.crop_scale_min": (0.08, MOCO_MAIN + " --crop-min 0.08"),
+        "mocov3.temperature": (0.2, MOCO_CONFIG),
+        "mocov3.momentum": (0.99, MOCO_MAIN),
+        "mocov3.hidden_dim": (4096, MOCO_MAIN),
+        "mocov3.out_dim": (256, MOCO_MAIN),
+        "mocov3.freeze_patch_embed": (True, MOCO_CONFIG + " --stop-grad-conv1"),
+        "train.epochs": (300, MOCO_CONFIG),
+        "@effective_batch": (4096, MOCO_CONFIG + " (batch 4096 over 4 nodes x 8 GPUs)"),
+        "optim.name": ("adamw", MOCO_CONFIG),
+        "optim.blr": (1.5e-4, MOCO_CONFIG),
+        "@lr": (1.5e-4 * 4096 / 256, MOCO_MAIN + ": lr = lr * batch / 256"),
+        "optim.weight_decay": (0.1, MOCO_CONFIG),
+        "optim.warmup_epochs": (40, MOCO_CONFIG),
+        "@result": (("73.2",), MOCO_PAPER + " Table 2 / CONFIG.md: ViT-S/16 linear probing 73.2"),
     },
     "deit_small_imagenet.yaml": {
         "objective.name": ("deit", DEIT_PAPER),
