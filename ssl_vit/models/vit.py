@@ -3,6 +3,9 @@
 Additions over timm, all key-compatible with timm's state dicts:
 - `forward_features(x, ids_keep)`: only the kept patch tokens (plus class / distillation tokens) go
   through the blocks, which is how MAE encodes the visible patches alone;
+- `forward_features(x, mask=mask, mask_token=token)`: the embeddings of masked patches are replaced by
+  a token the caller owns (SimMIM, BEiT) before position embeddings are added; the backbone gains no
+  parameter, so its keys stay timm's;
 - an optional distillation token and head (DeiT), the same layout as timm's VisionTransformerDistilled;
 - fixed 2-D sin-cos position embeddings (MAE) as an alternative to learned ones;
 - `dynamic_img_size=True` as in timm: inputs of any size divisible by the patch size (DINO's local
@@ -125,8 +128,14 @@ class ViT(VisionTransformer):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
-        """Patch tokens + positions, kept patches only, prefix tokens in front: (B, P + K, D)."""
+    def _embed(
+        self,
+        x: torch.Tensor,
+        ids_keep: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Patch tokens (masked ones replaced) + positions, kept patches only, prefix tokens in front: (B, P + K, D)."""
         x = self.patch_embed(x)  # (B, N, D); (B, h, w, D) with dynamic_img_size
         pos_embed = self.pos_embed  # (1, [P +] N, D)
         if self.dynamic_img_size:
@@ -138,6 +147,10 @@ class ViT(VisionTransformer):
                 num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
             )
             x = x.view(b, h * w, d)
+        if mask is not None:  # None-ness only: no data-dependent branch (torch.compile, FSDP)
+            # SimMIM's VisionTransformerForSimMIM: x * (1 - w) + mask_token * w, before the positions;
+            # `where` gives the same values and gradients, and exactly x where nothing is masked.
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)  # (B, N, D)
         prefix_pos = None
         if self.no_embed_class:
             x = x + pos_embed
@@ -156,12 +169,35 @@ class ViT(VisionTransformer):
             x = torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Tokens after the final norm: (B, P + N, D), or (B, P + K, D) for `ids_keep` of shape (B, K).
 
         `ids_keep` holds indices into the input's patch grid (N = h * w of this input's size).
+        `mask` (B, N) bool, True = masked, with `mask_token` (1, 1, D): each masked patch's embedding
+        (after patch_embed, before the position embedding) becomes the token, as SimMIM's and BEiT's
+        encoders; every token still goes through the blocks. The token belongs to the caller (the
+        objective), so the backbone's state dict stays timm's. An all-False mask gives the plain forward.
         """
-        x = self._embed(x, ids_keep)
+        if (mask is None) != (mask_token is None):
+            raise ValueError("forward_features needs both `mask` and `mask_token`, or neither.")
+        if mask is not None:
+            ph, pw = self.patch_embed.patch_size
+            grid = (x.shape[-2] // ph) * (x.shape[-1] // pw)
+            if mask.shape != (x.shape[0], grid) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape (batch, patches) = ({x.shape[0]}, {grid}), got "
+                    f"{mask.dtype} {tuple(mask.shape)}."
+                )
+            if mask_token.shape != (1, 1, self.embed_dim):
+                raise ValueError(f"mask_token must have shape (1, 1, {self.embed_dim}), got {tuple(mask_token.shape)}.")
+        x = self._embed(x, ids_keep, mask, mask_token)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
