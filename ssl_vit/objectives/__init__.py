@@ -28,8 +28,10 @@ _BUILTIN_MODULES = {
     "mae": "ssl_vit.objectives.mae",
     "supervised": "ssl_vit.objectives.supervised",
     "deit": "ssl_vit.objectives.distillation",
+    "ijepa": "ssl_vit.objectives.ijepa",
     "dino": "ssl_vit.objectives.dino",
     "mocov3": "ssl_vit.objectives.mocov3",
+    "simmim": "ssl_vit.objectives.simmim",
 }
 
 

@@ -1,0 +1,239 @@
+"""SimMIM (Xie et al. 2022): mask large random patches, encode every token, regress the raw pixels.
+
+Masks are drawn per sample in the data pipeline, as the official code (microsoft/SimMIM
+`data/data_simmim.py`): random cells of `mask_patch_size` pixels (several ViT patches each), an exact
+count per sample. The encoder is the shared backbone with the masked patch embeddings replaced by a
+learned mask token (`backbone.forward_features(x, mask=..., mask_token=...)`); the token and the
+one-layer head (1x1 conv + pixel shuffle, the official `decoder`) live here, so the exported
+backbone keeps timm's keys. Loss: L1 on the masked pixels only.
+
+Where the masks come from: the objective's `train_transform` returns {"pixel_values", "mask"}, so a
+mask is drawn from the loader's per-sample seed (run seed, epoch, position in the epoch;
+`ssl_vit.engine.seeding`), like the crop of the same image. A resumed run therefore sees the same
+masks, and 2 processes see the masks 1 process sees. A batch without `mask` (a user's own loader)
+gets masks from torch's global random stream, which checkpoints save.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from torchvision import transforms as T
+
+from ssl_vit.accepts import at_least, between, setting
+from ssl_vit.objectives import register_objective
+from ssl_vit.objectives.masking import cell_masks
+from ssl_vit.viz.simmim import reconstruction_grid
+
+__all__ = ["MaskedCrop", "SimMIM", "SimMIMConfig"]
+
+# microsoft/SimMIM data/data_simmim.py: RandomResizedCrop(scale=(0.67, 1.), ratio=(3/4, 4/3)) + flip.
+CROP_SCALE_MIN = 0.67
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass
+class SimMIMConfig:
+    """`simmim.*`: the paper's ViT-B values (32-px masks, ratio 0.6); small-image configs scale the mask patch."""
+
+    mask_patch_size: int = setting(
+        32, at_least(1), 'side of a masked square in pixels: a multiple of the ViT patch that divides data.image_size'
+    )
+    mask_ratio: float = setting(0.6, between(0, 1, open=True), 'the fraction of mask patches masked (rounded up)')
+
+
+class MaskedCrop:
+    """PIL RGB image -> {"pixel_values": (3, S, S), "mask": (N,) bool}: SimMIM's `SimMIMTransform`.
+
+    RandomResizedCrop(scale_min-1, ratio 3/4-4/3) + flip + normalisation, and a random mask of
+    `cell` x `cell`-patch squares over the (S / patch)^2 patch grid, drawn from torch's random stream
+    (the loader seeds it per sample). Picklable, for loader workers.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale_min: float,
+        interpolation: str,
+        hflip: float,
+        grid_size: tuple[int, int],
+        cell: int,
+        mask_ratio: float,
+    ) -> None:
+        self.crop = T.Compose(
+            [
+                T.RandomResizedCrop(
+                    size, scale=(scale_min, 1.0), ratio=CROP_RATIO, interpolation=T.InterpolationMode(interpolation)
+                ),
+                T.RandomHorizontalFlip(hflip),
+                T.ToTensor(),
+                T.Normalize(list(mean), list(std)),
+            ]
+        )
+        self.grid_size, self.cell, self.mask_ratio = tuple(grid_size), cell, mask_ratio
+        cell_masks(1, self.grid_size, cell, mask_ratio)  # a grid the cells cannot tile fails here, not in a worker
+
+    def __call__(self, image: Any) -> dict[str, torch.Tensor]:
+        pixels = self.crop(image)
+        mask = cell_masks(1, self.grid_size, self.cell, self.mask_ratio)[0]  # (N,)
+        return {"pixel_values": pixels, "mask": mask}
+
+
+@register_objective("simmim")
+class SimMIM(nn.Module):
+    """SimMIM objective around a ViT backbone.
+
+    Args:
+        backbone: the shared `ssl_vit.models.ViT` (`num_classes=0`).
+        mask_patch_size: side in pixels of the masked squares (paper: 32 over 16-px patches).
+        mask_ratio: fraction of the squares masked per sample, rounded up (paper: 0.6).
+    The backbone is initialised as microsoft/SimMIM's encoder (a run from `model.checkpoint` loads its
+    weights afterwards). Batch: `pixel_values` (B, 3, H, W); `mask` (B, N) bool, True = masked (from
+    `train_transform`; drawn here when absent).
+    """
+
+    needs_labels: ClassVar[bool] = False
+    config_groups: ClassVar[dict[str, type]] = {"simmim": SimMIMConfig}
+    loss_eps: ClassVar[float] = 1e-5  # the official loss's epsilon under the masked-pixel count
+
+    def __init__(self, backbone: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6) -> None:
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"simmim.mask_ratio must be strictly between 0 and 1, got {mask_ratio}: use e.g. 0.6.")
+        self.backbone = backbone
+        self.patch_size: int = backbone.patch_embed.patch_size[0]
+        if mask_patch_size % self.patch_size:
+            raise ValueError(
+                f"simmim.mask_patch_size={mask_patch_size} is not a multiple of the ViT patch size {self.patch_size}: "
+                f"use e.g. {2 * self.patch_size} (the paper masks 32-px squares over 16-px patches)."
+            )
+        self.mask_patch_size = int(mask_patch_size)
+        self.cell = self.mask_patch_size // self.patch_size  # patches per side of a masked square
+        self.mask_ratio = float(mask_ratio)
+        gh, gw = backbone.patch_embed.grid_size
+        if gh % self.cell or gw % self.cell:
+            raise ValueError(
+                f"simmim.mask_patch_size={mask_patch_size} does not divide the {gh * self.patch_size}x"
+                f"{gw * self.patch_size} images into whole squares: choose a mask patch size that divides the image "
+                f"size (and is a multiple of the patch size {self.patch_size})."
+            )
+        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.in_chans: int = backbone.patch_embed.proj.in_channels
+        embed_dim = backbone.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # The official head and its names: a linear map of each token to its patch's pixels.
+        self.decoder = nn.Sequential(
+            nn.Conv2d(embed_dim, self.patch_size**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.patch_size),
+        )
+        self._init_weights()
+
+    # -- initialisation ------------------------------------------------------------------------
+
+    def _init_weights(self) -> None:
+        """microsoft/SimMIM's encoder init (VisionTransformerForSimMIM, from BEiT).
+
+        Its `_trunc_normal_` cuts N(0, 0.02) at +-0.02 for every linear / conv weight, the class token,
+        learned positions and the mask token; LayerNorms 1 / 0, biases 0; then each block's attn.proj
+        and mlp.fc2 weights are divided by sqrt(2 * layer) (layer = 1..depth). The head keeps PyTorch's
+        default Conv2d init, as the official SimMIM module leaves it.
+        """
+
+        def cut_normal(t: torch.Tensor) -> None:
+            trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
+
+        def init_module(m: nn.Module) -> None:
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                cut_normal(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        bb = self.backbone
+        bb.apply(init_module)
+        with torch.no_grad():
+            for name in ("cls_token", "dist_token", "pos_embed"):
+                token = getattr(bb, name, None)
+                if isinstance(token, nn.Parameter) and token.requires_grad:  # fixed sin-cos positions stay
+                    cut_normal(token)
+            for layer, block in enumerate(bb.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        cut_normal(self.mask_token)
+
+    # -- masks ---------------------------------------------------------------------------------
+
+    def train_transform(self, data_cfg: Any) -> MaskedCrop:
+        """The paper's crop (scale from data.crop_scale_min, paper 0.67) + flip, and a mask per image."""
+        if data_cfg.image_size % self.mask_patch_size:
+            raise ValueError(
+                f"data.image_size={data_cfg.image_size} is not a multiple of simmim.mask_patch_size="
+                f"{self.mask_patch_size}: masks tile the image with whole squares; change either."
+            )
+        side = data_cfg.image_size // self.patch_size
+        return MaskedCrop(
+            data_cfg.image_size,
+            tuple(data_cfg.mean),
+            tuple(data_cfg.std),
+            scale_min=CROP_SCALE_MIN if data_cfg.crop_scale_min is None else data_cfg.crop_scale_min,
+            interpolation=data_cfg.interpolation,
+            hflip=data_cfg.hflip,
+            grid_size=(side, side),
+            cell=self.cell,
+            mask_ratio=self.mask_ratio,
+        )
+
+    def make_masks(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Masks for a batch of images (B, 3, H, W) -> (B, N) bool, from `generator` or torch's stream."""
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return cell_masks(images.shape[0], grid, self.cell, self.mask_ratio, generator=generator).to(images.device)
+
+    def pixel_mask(self, mask: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Patch mask (B, N) -> pixel mask (B, 1, H, W) float, 1 on masked pixels."""
+        p = self.patch_size
+        gh, gw = image_size[0] // p, image_size[1] // p
+        grid = mask.view(mask.shape[0], gh, gw)
+        return grid.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).float()
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode with the masked patches replaced by the mask token, predict every pixel: (B, 3, H, W)."""
+        z = self.backbone.forward_features(images, mask=mask, mask_token=self.mask_token)  # (B, P + N, D)
+        z = z[:, self.num_prefix_tokens :]  # (B, N, D)
+        b, _, d = z.shape
+        gh, gw = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        z = z.transpose(1, 2).reshape(b, d, gh, gw)  # (B, D, gh, gw)
+        return self.decoder(z)  # (B, C, H, W): 1x1 conv to p*p*C channels, then pixel shuffle
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss = L1 on masked pixels (the official normalisation); also the (detached) L1 on visible ones."""
+        images = batch["pixel_values"]  # (B, 3, H, W)
+        mask = batch.get("mask")
+        mask = self.make_masks(images) if mask is None else mask.to(device=images.device, dtype=torch.bool)
+        rec = self.reconstruct(images, mask).float()  # loss in fp32 under autocast
+        l1 = (images.float() - rec).abs()  # (B, C, H, W)
+        pix = self.pixel_mask(mask, images.shape[-2:])  # (B, 1, H, W)
+        loss = (l1 * pix).sum() / (pix.sum() + self.loss_eps) / self.in_chans
+        visible = 1.0 - pix
+        loss_visible = (l1.detach() * visible).sum() / (visible.sum() + self.loss_eps) / self.in_chans
+        return {"loss": loss, "loss_visible": loss_visible, "mask_ratio": mask.float().mean().detach()}
+
+    # -- pictures ------------------------------------------------------------------------------
+
+    def visualize(
+        self, batch: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
+        """The reconstruction grid (`ssl_vit.viz.simmim`), masks from `batch['mask']` or a fixed seed."""
+        grid = reconstruction_grid(self, batch["pixel_values"], mean, std, mask=batch.get("mask"))
+        return {"simmim_reconstruction": grid}
