@@ -63,6 +63,10 @@ class DINOConfig:
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops: int = 8
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    # Colour jitter of every view (brightness, contrast, saturation, hue), applied with p 0.8, and the
+    # probability of a grayscale view.
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale: float = 0.2
     # Side of the local crops in pixels; None: 3/7 of data.image_size (the paper's 96 of 224) rounded
     # to a multiple of the patch size (32 px, patch 4 -> 12; 224, patch 16 -> 96).
     local_crop_size: Optional[int] = None
@@ -145,13 +149,16 @@ class MultiCropTransform:
         std: Sequence[float],
         hflip: float = 0.5,
         interpolation: str = "bicubic",
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+        grayscale: float = 0.2,
     ) -> None:
         interp = T.InterpolationMode(interpolation)
         radius = (0.1 * global_size / 224, 2.0 * global_size / 224)
+        brightness, contrast, saturation, hue = color_jitter
         flip_and_color = [
             T.RandomHorizontalFlip(hflip),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
+            T.RandomGrayscale(p=grayscale),
         ]
         normalize = [T.ToTensor(), T.Normalize(list(mean), list(std))]
 
@@ -258,6 +265,8 @@ class DINO(nn.Module):
         global_crops_scale: tuple[float, float] = (0.4, 1.0),
         local_crops: int = 8,
         local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        grayscale: float = 0.2,
         local_crop_size: Optional[int] = None,
     ) -> None:
         super().__init__()
@@ -269,6 +278,7 @@ class DINO(nn.Module):
         self.freeze_last_layer_epochs = float(freeze_last_layer_epochs)
         self.global_crops_scale, self.local_crops_scale = tuple(global_crops_scale), tuple(local_crops_scale)
         self.local_crops, self.local_crop_size = int(local_crops), local_crop_size
+        self.color_jitter, self.grayscale = tuple(color_jitter), float(grayscale)
 
         self.backbone = backbone
         if isinstance(getattr(backbone, "cls_token", None), nn.Parameter):
@@ -312,6 +322,7 @@ class DINO(nn.Module):
         return MultiCropTransform(
             data_cfg.image_size, local, self.local_crops, self.global_crops_scale, self.local_crops_scale,
             data_cfg.mean, data_cfg.std, hflip=data_cfg.hflip, interpolation=data_cfg.interpolation,
+            color_jitter=self.color_jitter, grayscale=self.grayscale,
         )
 
     # -- the model ------------------------------------------------------------------------------
@@ -422,6 +433,14 @@ def _check_config(args: dict[str, Any]) -> None:
         scale = tuple(args[key])
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"dino.{key} must be [low, high] with 0 < low <= high <= 1, got {list(scale)}.")
+    jitter = tuple(args["color_jitter"])
+    if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+        raise ValueError(
+            f"dino.color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, got "
+            f"{list(jitter)} (paper: [0.4, 0.4, 0.2, 0.1])."
+        )
+    if not 0.0 <= float(args["grayscale"]) <= 1.0:
+        raise ValueError(f"dino.grayscale is a probability in [0, 1], got {args['grayscale']} (paper: 0.2).")
     size = args["local_crop_size"]
     if size is not None and int(size) < 1:
         raise ValueError(f"dino.local_crop_size must be >= 1 or null (3/7 of data.image_size), got {size}.")

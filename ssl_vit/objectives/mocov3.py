@@ -54,7 +54,9 @@ class MoCoV3Config:
     out_dim: int = 256
     # The paper's "random patch projection": patch_embed stays at its random init (`--stop-grad-conv1`).
     freeze_patch_embed: bool = True
-    # BYOL's asymmetric views (first, second): Gaussian blur and solarisation probabilities.
+    # BYOL's views: colour jitter (brightness, contrast, saturation, hue; applied with p 0.8), and the
+    # asymmetric (first view, second view) Gaussian blur and solarisation probabilities.
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     blur_prob: tuple[float, float] = (1.0, 0.1)
     solarize_prob: tuple[float, float] = (0.0, 0.2)
 
@@ -210,9 +212,9 @@ class _PILGaussianBlur:
 class TwoViews:
     """PIL RGB image -> {"views": [v1, v2]}: BYOL's augmentations (facebookresearch/moco-v3 main_moco.py).
 
-    Each view: RandomResizedCrop(scale_min-1), colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale
-    p 0.2, Gaussian blur (view 1: p 1.0, view 2: p 0.1), solarisation (view 1: p 0, view 2: p 0.2),
-    horizontal flip, normalisation. Picklable, for loader workers.
+    Each view: RandomResizedCrop(scale_min-1), colour jitter (BYOL: 0.4, 0.4, 0.2, 0.1) with p 0.8,
+    grayscale p 0.2, Gaussian blur (view 1: p 1.0, view 2: p 0.1), solarisation (view 1: p 0, view 2:
+    p 0.2), horizontal flip, normalisation. Picklable, for loader workers.
     """
 
     def __init__(
@@ -223,11 +225,20 @@ class TwoViews:
         scale_min: float = 0.08,
         interpolation: str = "bilinear",
         hflip: float = 0.5,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         blur_prob: tuple[float, float] = (1.0, 0.1),
         solarize_prob: tuple[float, float] = (0.0, 0.2),
     ) -> None:
+        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+            raise ValueError(
+                f"mocov3.color_jitter={list(color_jitter)}: need brightness, contrast, saturation, hue >= 0 "
+                f"(hue at most 0.5); BYOL's are [0.4, 0.4, 0.2, 0.1]."
+            )
         if not 0.0 < scale_min <= 1.0:
             raise ValueError(f"data.crop_scale_min={scale_min} must be in (0, 1]: the smallest crop area fraction.")
+        modes = {name: T.InterpolationMode(name) for name in ("bilinear", "bicubic", "nearest", "lanczos")}
+        if interpolation not in modes:
+            raise ValueError(f"data.interpolation='{interpolation}' is unknown: use one of {', '.join(modes)}.")
         probs = [*blur_prob, *solarize_prob]
         if len(probs) != 4 or not all(0.0 <= p <= 1.0 for p in probs):
             raise ValueError(
@@ -236,8 +247,8 @@ class TwoViews:
             )
         self.views = [
             T.Compose([
-                T.RandomResizedCrop(size, scale=(scale_min, 1.0), interpolation=T.InterpolationMode(interpolation)),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomResizedCrop(size, scale=(scale_min, 1.0), interpolation=modes[interpolation]),
+                T.RandomApply([T.ColorJitter(*color_jitter)], p=0.8),
                 T.RandomGrayscale(p=0.2),
                 T.RandomApply([_PILGaussianBlur()], p=blur),
                 T.RandomSolarize(128, p=solarize),  # PIL's ImageOps.solarize threshold, as BYOL
@@ -266,7 +277,8 @@ class MoCoV3(nn.Module):
             along a half cosine over the run (paper: 0.99, True).
         hidden_dim / out_dim: the projector's and predictor's hidden and output widths (paper 4096 / 256).
         freeze_patch_embed: keep the random patch projection (no gradient, never updated).
-        blur_prob / solarize_prob: per-view probabilities of the BYOL views.
+        color_jitter / blur_prob / solarize_prob: the BYOL views' colour jitter, and the per-view
+            probabilities of blur and solarisation.
     Batch: `views` [(B, 3, H, W), (B, 3, H, W)], two augmented views of the same images.
     """
 
@@ -284,6 +296,7 @@ class MoCoV3(nn.Module):
         hidden_dim: int = 4096,
         out_dim: int = 256,
         freeze_patch_embed: bool = True,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         blur_prob: tuple[float, float] = (1.0, 0.1),
         solarize_prob: tuple[float, float] = (0.0, 0.2),
     ) -> None:
@@ -295,6 +308,7 @@ class MoCoV3(nn.Module):
         self.temperature = float(temperature)
         self.base_momentum = float(momentum)
         self.momentum_cosine = bool(momentum_cosine)
+        self.color_jitter = tuple(color_jitter)
         self.blur_prob = tuple(blur_prob)
         self.solarize_prob = tuple(solarize_prob)
 
@@ -317,7 +331,7 @@ class MoCoV3(nn.Module):
         scale_min = 0.08 if data_cfg.crop_scale_min is None else data_cfg.crop_scale_min
         return TwoViews(
             data_cfg.image_size, tuple(data_cfg.mean), tuple(data_cfg.std), scale_min, data_cfg.interpolation,
-            data_cfg.hflip, self.blur_prob, self.solarize_prob,
+            data_cfg.hflip, self.color_jitter, self.blur_prob, self.solarize_prob,
         )
 
     def on_step_start(self, step: int, total_steps: int) -> None:

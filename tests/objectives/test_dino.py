@@ -347,6 +347,16 @@ def test_train_transform__errors_name_the_fix():
         tiny_dino(local_crop_size=6).train_transform(DataConfig(image_size=IMG))
     with pytest.raises(ValueError, match="dino.local_crops_scale"):
         tiny_dino(local_crops_scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="dino.color_jitter"):
+        tiny_dino(color_jitter=(0.4, 0.4, 0.2, 0.7))
+
+
+def test_train_transform__colour_jitter_and_grayscale_from_the_config():
+    t = tiny_dino(color_jitter=(0.1, 0.2, 0.5, 0.5), grayscale=0.4).train_transform(DataConfig(image_size=IMG))
+    for view in (t.global1, t.global2, t.local):
+        text = repr(view)
+        assert "brightness=(0.9, 1.1), contrast=(0.8, 1.2), saturation=(0.5, 1.5), hue=(-0.5, 0.5)" in text
+        assert "RandomGrayscale(p=0.4)" in text
 
 
 # -- registry and config -------------------------------------------------------------------------

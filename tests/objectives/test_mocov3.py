@@ -267,6 +267,8 @@ def test_train_transform__two_normalised_views_picklable_and_seeded():
     assert not torch.equal(a[0], a[1])
     with pytest.raises(ValueError, match="blur_prob"):
         MoCoV3(tiny_backbone(), blur_prob=(1.5, 0.1)).train_transform(DataConfig())
+    with pytest.raises(ValueError, match="data.interpolation='cubic' is unknown"):
+        moco.train_transform(DataConfig(interpolation="cubic"))
 
 
 # -- processes: 2 processes x B must train as 1 process x 2B ------------------------------------
