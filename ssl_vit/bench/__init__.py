@@ -9,8 +9,8 @@ memory), `workloads` (our steps and the references), `profile` (where a step's t
 from ssl_vit.bench.flops import count_flops, extra_flop_formulas
 from ssl_vit.bench.machine import machine_info, machine_label, matmul_peak
 from ssl_vit.bench.profile import categorize, profile_step
-from ssl_vit.bench.report import case_rows, comparisons, markdown, scaling_rows, targets, write_json
-from ssl_vit.bench.timing import Case, measure_memory, median_ratio, run_rounds
+from ssl_vit.bench.report import case_rows, comparisons, loss_checks, markdown, scaling_rows, targets, write_json
+from ssl_vit.bench.timing import Case, measure_memory, median_ratio, run_rounds, tracked_bytes
 from ssl_vit.bench.workloads import BenchEnv, WorkloadConfig
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "comparisons",
     "count_flops",
     "extra_flop_formulas",
+    "loss_checks",
     "machine_info",
     "machine_label",
     "markdown",
@@ -32,5 +33,6 @@ __all__ = [
     "run_rounds",
     "scaling_rows",
     "targets",
+    "tracked_bytes",
     "write_json",
 ]

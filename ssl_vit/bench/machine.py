@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 import time
 from importlib import metadata
 from typing import Any
 
 import torch
 
-__all__ = ["machine_info", "machine_label", "matmul_peak", "sync"]
+__all__ = ["cpu_description", "datasheet_bf16_peak", "machine_info", "machine_label", "matmul_peak", "sync"]
+
+# /proc/cpuinfo flags that decide which GEMM kernels a CPU gets, and how the report names them.
+ISA_FLAGS = (
+    ("avx2", "AVX2"),
+    ("avx512f", "AVX-512"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx512_fp16", "AVX512-FP16"),
+    ("amx_tile", "AMX"),
+    ("amx_bf16", "AMX-BF16"),
+    ("asimd", "NEON"),
+    ("sve", "SVE"),
+)
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s, no sparsity), first match wins: what
+# "model FLOP utilisation" is quoted against beside the peak measured in the same run.
+DATASHEET_BF16_PEAKS = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.5e12),
+    ("H100 NVL", 835.5e12),
+    ("H100", 989.4e12),
+    ("A100", 312e12),
+    ("L40S", 362.05e12),
+    ("L4", 121e12),
+)
 
 
 def sync(device: torch.device) -> None:
@@ -30,6 +55,57 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
+    """CPU model, family / model numbers, ISA flags (AVX2, AVX-512, AMX, ...) and hypervisor, from /proc/cpuinfo.
+
+    `cpuinfo` is the file's text (tests pass one); the hypervisor's vendor comes from `lscpu` when present.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() not in fields:  # the first processor's entry
+            fields[name.strip()] = value.strip()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    out: dict[str, Any] = {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "family": fields.get("cpu family"),
+        "model_number": fields.get("model"),
+        "isa": [label for flag, label in ISA_FLAGS if flag in flags],
+        "hypervisor": None,
+    }
+    if "hypervisor" in flags:
+        out["hypervisor"] = _lscpu_field("Hypervisor vendor") or "yes"
+    return out
+
+
+def _lscpu_field(name: str) -> str | None:
+    if shutil.which("lscpu") is None:
+        return None
+    try:
+        text = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def datasheet_bf16_peak(gpu_name: str) -> float | None:
+    """The GPU's dense bf16 peak from its datasheet (FLOP/s), or None for a GPU not in the table."""
+    for key, peak in DATASHEET_BF16_PEAKS:
+        if key.lower() in gpu_name.lower():
+            return peak
+    return None
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -41,8 +117,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, threads, library versions, GPU name (on CUDA), and the load when measured."""
     from ssl_vit.ops.linear import onednn_linear_enabled
 
+    cpu = cpu_description()
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "cpu_family_model": f"family {cpu['family']} model {cpu['model_number']}" if cpu["family"] else None,
+        "isa": cpu["isa"],
+        "hypervisor": cpu["hypervisor"],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -58,13 +138,18 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        info["gpu_datasheet_bf16_flops"] = datasheet_bf16_peak(info["gpu"])
     return info
 
 
 def machine_label(info: dict[str, Any]) -> str:
-    """One line naming the machine, e.g. 'AMD EPYC, 2 cores, torch 2.14.1 (CPU)'."""
+    """One line naming the machine, e.g. 'Intel(R) Xeon(R) Processor (KVM, family 6 model 167; AVX2, AVX-512,
+    AMX), 2 cores, 2 threads, torch 2.14.1 (CPU)'."""
     where = info.get("gpu") or "CPU"
-    return f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} threads, torch {info['torch']} ({where})"
+    details = [d for d in (info.get("hypervisor"), info.get("cpu_family_model")) if d]
+    isa = ", ".join(info.get("isa") or []) or "no AVX2 / AVX-512 / AMX"
+    cpu = f"{info['cpu']} ({', '.join(details)}; {isa})" if details else f"{info['cpu']} ({isa})"
+    return f"{cpu}, {info['cores']} cores, {info['torch_threads']} threads, torch {info['torch']} ({where})"
 
 
 def _gemm_rate(fn: Any, a: torch.Tensor, device: torch.device, seconds: float) -> float:

@@ -10,31 +10,38 @@ from typing import Any
 from ssl_vit.bench.timing import Case
 
 __all__ = [
+    "CROSS_TARGETS",
+    "PEAK_TARGETS",
+    "RATIO_TARGETS",
     "TARGETS",
     "case_rows",
     "compare",
     "comparisons",
+    "loss_checks",
     "markdown",
     "scaling_rows",
     "targets",
     "write_json",
 ]
 
-# (faster case, slower case, threshold on the images/s ratio, what it checks): issue 10's targets.
-TARGETS: list[tuple[str, str, float, str]] = [
-    ("supervised/ours", "supervised/timm", 0.97, "supervised step vs timm + plain AdamW"),
-    ("mae/ours", "mae/hf", 1.05, "MAE step vs HF ViTMAEForPreTraining"),
-    ("mae/ours", "supervised/ours", 2.0, "MAE (mask 0.75) vs supervised, same backbone"),
+# Issue 19's targets, on like-for-like ratios (both sides on the same linear path; the smallest of a
+# group's like-for-like ratios counts): (group, what it checks, threshold, aim).
+RATIO_TARGETS: list[tuple[str, str, float, float | None]] = [
+    ("supervised", "supervised step vs timm's plain loop (like-for-like)", 1.00, None),
+    ("mae", "MAE step vs HF ViTMAEForPreTraining (like-for-like)", 1.05, 1.10),
 ]
-# Ours vs reference within a group, reported without a threshold when not in TARGETS.
-PAIRS: list[tuple[str, str]] = [
-    ("backbone/ours", "backbone/timm"),
-    ("supervised/ours", "supervised/timm"),
-    ("mae/ours", "mae/hf"),
-    ("deit/ours", "deit/timm"),
-    ("eval/ours", "eval/timm"),
-    ("mae/ours", "supervised/ours"),
+# (faster case, slower case, threshold, aim, what it checks): images/s of two of our own steps.
+CROSS_TARGETS: list[tuple[str, str, float, float | None, str]] = [
+    ("mae/ours", "supervised/ours", 2.0, 2.5, "MAE (mask 0.75) vs supervised images/s, same backbone"),
 ]
+# (case, fraction of the matmul peak measured in the same run, what it checks).
+PEAK_TARGETS: list[tuple[str, float, str]] = [
+    ("supervised/ours", 0.75, "supervised step, fraction of the matmul peak"),
+    ("mae/ours", 0.70, "MAE step, fraction of the matmul peak"),
+]
+TARGETS = RATIO_TARGETS  # the name earlier code imported
+# Ratios between our own steps, reported when both ran (twins on each linear path too).
+CROSS_PAIRS: list[tuple[str, str]] = [("mae/ours", "supervised/ours")]
 
 
 def case_rows(
@@ -43,8 +50,10 @@ def case_rows(
     flops: dict[str, int],
     memory: dict[str, dict[str, Any]],
     peak_flops: float,
+    datasheet_flops: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per case: median step time, images/s, FLOPs, achieved FLOP/s and fraction of peak, memory."""
+    """One row per case: median step time, images/s, FLOPs, achieved FLOP/s and fraction of peak (measured,
+    and the GPU datasheet's when known), memory, linear path."""
     rows = []
     for case in cases:
         rounds = times[case.name]
@@ -57,6 +66,8 @@ def case_rows(
             "step_ms": step_s * 1e3,
             "step_ms_rounds": [t * 1e3 for t in rounds],
             "images_per_s": case.images / step_s,
+            "linear": case.linear,
+            "variant": case.variant,
         }
         if case.name in flops:
             f = flops[case.name]
@@ -66,6 +77,8 @@ def case_rows(
                 achieved_flops_per_s=f / step_s,
                 fraction_of_peak=(f / step_s) / peak_flops if peak_flops > 0 else None,
             )
+            if datasheet_flops:
+                row["fraction_of_datasheet_peak"] = (f / step_s) / datasheet_flops
         if case.name in memory:
             row["memory"] = memory[case.name]
         row["info"] = case.info
@@ -89,30 +102,110 @@ def compare(cases: dict[str, Case], times: dict[str, list[float]], a: str, b: st
 
 
 def comparisons(cases: list[Case], times: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """Every known pair whose two cases both ran."""
+    """Ours vs its reference in every group that has both, with the like-for-like twins; our cross pairs.
+
+    kind "default": each side as it runs by default (`like_for_like` when their linear paths agree);
+    "like-for-like": a twin pair on the same linear path (`supervised/ours-plain` / `supervised/timm`,
+    `mae/ours` / `mae/hf+onednn`, ...); "cross": two of our own steps (MAE vs supervised images/s).
+    """
     by_name = {c.name: c for c in cases}
-    return [compare(by_name, times, a, b) for a, b in PAIRS if a in by_name and b in by_name]
-
-
-def targets(comps: list[dict[str, Any]], scaling: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Issue 10's targets that this run measured, each with its value and whether it is met."""
-    found = {(c["a"], c["b"]): c["ratio"] for c in comps}
+    groups: dict[str, list[Case]] = {}
+    for c in cases:
+        groups.setdefault(c.group, []).append(c)
     out = []
-    for a, b, threshold, what in TARGETS:
+    for group, members in groups.items():
+        ours = [c for c in members if c.role == "ours"]
+        refs = [c for c in members if c.role == "reference"]
+        default = (next((c for c in ours if not c.variant), None), next((c for c in refs if not c.variant), None))
+        for o in ours:
+            for r in refs:
+                same = o.linear == r.linear and o.linear != "mixed"
+                if (o, r) == default:
+                    kind = "default"
+                elif same and o.variant in ("", "plain", "onednn"):
+                    kind = "like-for-like"
+                else:
+                    continue
+                c = compare(by_name, times, o.name, r.name)
+                c.update(kind=kind, group=group, like_for_like=same, linear=f"{o.linear} / {r.linear}")
+                out.append(c)
+    for a, b in CROSS_PAIRS:
+        for suffix in ("", "-plain", "+onednn"):
+            if a + suffix in by_name and b + suffix in by_name:
+                c = compare(by_name, times, a + suffix, b + suffix)
+                ca, cb = by_name[a + suffix], by_name[b + suffix]
+                c.update(kind="cross", group=ca.group, like_for_like=ca.linear == cb.linear, linear=f"{ca.linear} / {cb.linear}")
+                out.append(c)
+    return out
+
+
+def loss_checks(cases: list[Case], rtol: float = 1e-4, atol: float = 1e-5) -> list[dict[str, Any]]:
+    """Each case's loss on its group's fixed batch vs the group's ours: the same weights must give the same loss.
+
+    Run before any step (steps change the weights). bf16 runs pass a looser `rtol`.
+    """
+    by_group: dict[str, list[Case]] = {}
+    for c in cases:
+        if c.loss is not None:
+            by_group.setdefault(c.group, []).append(c)
+    out = []
+    for group, members in by_group.items():
+        base = next((c for c in members if c.role == "ours" and not c.variant), None)
+        if base is None or len(members) < 2:
+            continue
+        expected = float(base.loss())
+        for c in members:
+            if c is base:
+                continue
+            value = float(c.loss())
+            out.append({
+                "group": group, "case": c.name, "ours": base.name, "loss": value, "ours_loss": expected,
+                "abs_diff": abs(value - expected), "same": abs(value - expected) <= atol + rtol * abs(expected),
+            })
+    return out
+
+
+def _target(what: str, value: Any, threshold: Any, aim: Any = None, met: bool | None = None, note: str = "") -> dict[str, Any]:
+    if met is None:
+        met = value >= threshold
+    out = {"target": what, "value": value, "threshold": threshold, "aim": aim, "met": met}
+    if note:
+        out["note"] = note
+    return out
+
+
+def targets(
+    comps: list[dict[str, Any]], scaling: list[dict[str, Any]] | None = None, rows: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Issue 19's targets that this run measured, each with its value, threshold, aim and whether it is met.
+
+    Ours-vs-reference targets read the like-for-like ratios (the smallest of the group's, when the
+    linear-path twins ran); a run whose default pair is not like-for-like and has no twin reports none.
+    """
+    out = []
+    for group, what, threshold, aim in RATIO_TARGETS:
+        same = [c for c in comps if c.get("group") == group and c.get("kind") != "cross" and c.get("like_for_like")]
+        if same:
+            worst = min(same, key=lambda c: c["ratio"])
+            out.append(_target(what, worst["ratio"], threshold, aim, note=f"{worst['a']} / {worst['b']}"))
+    found = {(c["a"], c["b"]): c["ratio"] for c in comps}
+    for a, b, threshold, aim, what in CROSS_TARGETS:
         if (a, b) in found:
-            value = found[(a, b)]
-            out.append({"target": what, "value": value, "threshold": threshold, "met": value >= threshold})
+            out.append(_target(what, found[(a, b)], threshold, aim))
+    by_name = {r["name"]: r for r in rows or []}
+    for name, threshold, what in PEAK_TARGETS:
+        frac = by_name.get(name, {}).get("fraction_of_peak")
+        if frac is not None:
+            out.append(_target(what, frac, threshold))
     if scaling:
         first = [r for r in scaling if r["img_size"] == scaling[0]["img_size"] and r["encoder_ms"] is not None]
         first.sort(key=lambda r: r["mask_ratio"])
         if len(first) > 1:
             times = [r["encoder_ms"] for r in first]
-            out.append({
-                "target": "encoder time falls as the mask ratio rises",
-                "value": " > ".join(f"{t:.0f}" for t in times) + " ms",
-                "threshold": "decreasing",
-                "met": all(x > y for x, y in zip(times, times[1:])),
-            })
+            out.append(_target(
+                "encoder time falls as the mask ratio rises", " > ".join(f"{t:.0f}" for t in times) + " ms",
+                "decreasing", met=all(x > y for x, y in zip(times, times[1:])),
+            ))
     return out
 
 
@@ -144,7 +237,10 @@ def scaling_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 _MEMORY_KINDS = {
     "cpu_tensors": "live tensors at the step's peak (weights, gradients, optimizer state, activations)",
-    "cuda_allocated": "torch.cuda.max_memory_allocated during one step",
+    "cuda_allocated": (
+        "torch.cuda.max_memory_allocated during one step, less the memory held before it, plus the case's own "
+        "weights, gradients and optimizer state"
+    ),
 }
 
 
@@ -156,11 +252,25 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
     return str(x)
 
 
+def _pct(x: float | None) -> str:
+    return _fmt(x * 100 if x is not None else None, ".0f")
+
+
+def _times(x: Any) -> str:
+    return f"{x:.2f}x" if isinstance(x, float) else str(x)
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as markdown: machine, training/eval table, ratios vs targets, scaling, profile."""
+    """The report as markdown: machine (CPU, ISA, load, date), cases, ratios with their like-for-like
+    twins, loss checks, targets, scaling, profile, memory with and without grad checkpointing."""
     lines = [f"**Machine:** {report['label']}"]
     machine = report.get("machine", {})
+    when = [f"**Date:** {report['date']}"] if report.get("date") else []
     loads = [machine[k] for k in ("load_average_1min", "load_average_1min_end") if machine.get(k) is not None]
+    if loads:
+        when.append("**Load average (1 min):** " + " at the start, ".join(f"{x:.1f}" for x in loads) + (" at the end" if len(loads) > 1 else ""))
+    if when:
+        lines.append("; ".join(when))
     load, cores = (max(loads) if loads else None), machine.get("cores")
     if load is not None and cores and load > cores:
         lines.append(
@@ -174,30 +284,36 @@ def markdown(report: dict[str, Any]) -> str:
             f"**Matmul peak:** {peak['flops_per_s'] / 1e9:.0f} GFLOP/s ({peak['dtype']} {peak['size']}^3 GEMM; "
             f"by backend: {backends} GFLOP/s)"
         )
+    if machine.get("gpu_datasheet_bf16_flops"):
+        lines.append(f"**Datasheet bf16 peak:** {machine['gpu_datasheet_bf16_flops'] / 1e12:.0f} TFLOP/s (dense)")
     settings = report.get("settings", {})
     if settings:
         lines.append("**Settings:** " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     rows = [r for r in report.get("cases", []) if not r["name"].startswith("scaling/")]
     if rows:
         several = len({r.get("model") for r in rows}) > 1  # name the model when more than one ran
+        datasheet = any("fraction_of_datasheet_peak" in r for r in rows)
         lines += [
             "",
-            "| case | img/s | ms/step | GFLOP/img | achieved GFLOP/s | % of matmul peak | peak memory MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| case | linear | img/s | ms/step | GFLOP/img | achieved GFLOP/s | % of matmul peak |"
+            + (" % of datasheet peak |" if datasheet else "") + " peak memory MiB |",
+            "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if datasheet else "") + "---:|",
         ]
         for r in rows:
             mem = r.get("memory")
-            frac = r.get("fraction_of_peak")
             achieved = r["achieved_flops_per_s"] / 1e9 if "achieved_flops_per_s" in r else None
             cells = [
                 f"{r['name']} ({r['model']})" if several else r["name"],
+                r.get("linear", "-"),
                 f"{r['images_per_s']:.1f}",
                 f"{r['step_ms']:.0f}",
                 _fmt(r.get("gflop_per_image"), ".2f"),
                 _fmt(achieved, ".0f"),
-                _fmt(frac * 100 if frac is not None else None, ".0f"),
-                f"{mem['peak_mib']:.0f}" if mem else "-",
+                _pct(r.get("fraction_of_peak")),
             ]
+            if datasheet:
+                cells.append(_pct(r.get("fraction_of_datasheet_peak")))
+            cells.append(f"{mem['peak_mib']:.0f}" if mem else "-")
             lines.append("| " + " | ".join(cells) + " |")
     kinds = {r["memory"]["kind"] for r in rows if r.get("memory")}
     if kinds:
@@ -207,20 +323,43 @@ def markdown(report: dict[str, Any]) -> str:
     if comps:
         lines += [
             "",
-            "| ratio of images/s (median of per-round ratios) | value | range | rounds |",
-            "|---|---:|---:|---:|",
+            "| ratio of images/s (median of per-round ratios) | kind | linear (a / b) | value | range | rounds |",
+            "|---|---|---|---:|---:|---:|",
         ]
         several = len({c.get("model") for c in comps}) > 1
-        for c in comps:
+        order = {"default": 0, "like-for-like": 1, "cross": 2}
+        ranked = sorted(enumerate(comps), key=lambda ic: (ic[1].get("model") or "", ic[1].get("group") or "", order.get(ic[1].get("kind"), 3), ic[0]))
+        for _, c in ranked:
             what = f"{c['a']} / {c['b']}" + (f" ({c['model']})" if several else "")
-            lines.append(f"| {what} | {c['ratio']:.2f}x | {c['min']:.2f}-{c['max']:.2f} | {c['rounds']} |")
+            kind = c.get("kind", "-")
+            if kind == "default" and c.get("like_for_like"):
+                kind = "default = like-for-like"
+            lines.append(
+                f"| {what} | {kind} | {c.get('linear', '-')} | {c['ratio']:.2f}x | {c['min']:.2f}-{c['max']:.2f} | {c['rounds']} |"
+            )
+        if all(c.get("kind") != "like-for-like" for c in comps):
+            lines.append("")
+            lines.append(
+                "Every default ratio above is like-for-like: both sides computed their linear layers on the same path "
+                "(no oneDNN twins were needed; `--twins always` times both sides on oneDNN too)."
+            )
+    checks = report.get("loss_checks", [])
+    if checks:
+        lines += ["", "| same loss from the same weights (before timing) | loss | ours | abs diff | same |",
+                  "|---|---:|---:|---:|:---:|"]
+        for c in checks:
+            lines.append(f"| {c['case']} vs {c['ours']} | {c['loss']:.6g} | {c['ours_loss']:.6g} | {c['abs_diff']:.1e} | "
+                         f"{'yes' if c['same'] else 'NO'} |")
     tg = report.get("targets", [])
     if tg:
-        lines += ["", "| target | measured | needs | met |", "|---|---:|---:|:---:|"]
+        lines += ["", "| target | measured | needs | aim | met |", "|---|---:|---:|---:|:---:|"]
         for t in tg:
-            value = f"{t['value']:.2f}x" if isinstance(t["value"], float) else t["value"]
-            need = f">= {t['threshold']}x" if isinstance(t["threshold"], float) else t["threshold"]
-            lines.append(f"| {t['target']} | {value} | {need} | {'yes' if t['met'] else 'NO'} |")
+            fraction = "fraction of the matmul peak" in t["target"]
+            value = _pct(t["value"]) + "%" if fraction else _times(t["value"])
+            need = (f">= {_pct(t['threshold'])}%" if fraction else f">= {_times(t['threshold'])}") if isinstance(t["threshold"], float) else t["threshold"]
+            aim = _times(t["aim"]) if t.get("aim") is not None else "-"
+            note = f" ({t['note']})" if t.get("note") else ""
+            lines.append(f"| {t['target']}{note} | {value} | {need} | {aim} | {'yes' if t['met'] else 'NO'} |")
     sc = report.get("scaling", [])
     if sc:
         lines += [
@@ -237,6 +376,26 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(s['encoder_gflop_per_image'], '.3f')} | "
                 f"{_fmt(share * 100 if share is not None else None, '.0f')}% |"
             )
+    ckpt = report.get("grad_checkpointing", [])
+    if ckpt:
+        lines += [
+            "",
+            "| grad checkpointing (model, objective, batch) | step peak MiB off | on | saving | activations MiB off "
+            "| on | saving | ms/step off | on | same loss |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        ]
+        for m in ckpt:
+            lines.append(
+                f"| {m['model']}, {m['objective']}, {m['batch_size']} | {m['peak_mib_off']:.0f} | {m['peak_mib_on']:.0f} | "
+                f"{m['saving'] * 100:.0f}% | {m['activations_mib_off']:.0f} | {m['activations_mib_on']:.0f} | "
+                f"{m['activation_saving'] * 100:.0f}% | {_fmt(m.get('step_ms_off'), '.0f')} | "
+                f"{_fmt(m.get('step_ms_on'), '.0f')} | {'yes' if m['same_loss'] else 'NO'} |"
+            )
+        lines.append("")
+        lines.append(
+            "Step peak: live tensors during a whole training step. Activations: the peak of a forward + backward "
+            "into already allocated gradients, less weights, gradients and optimizer state."
+        )
     prof = report.get("profile")
     if prof:
         lines += ["", f"Profile of {prof['case']} ({prof['step_ms']:.0f} ms/step under the profiler):", "",

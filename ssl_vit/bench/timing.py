@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from ssl_vit.bench.machine import sync
 
-__all__ = ["Case", "measure_memory", "median_ratio", "run_rounds"]
+__all__ = ["Case", "measure_memory", "median_ratio", "run_rounds", "tracked_bytes"]
 
 
 @dataclass
@@ -35,6 +35,13 @@ class Case:
         info: anything worth writing to the JSON (model name, config, reference class, ...).
         track: the modules and optimizer whose existing tensors (weights, gradients, optimizer state)
             count towards the case's memory on CPU.
+        linear: the linear-layer path its modules compute with: "plain" (PyTorch's `F.linear`), "onednn"
+            (every linear layer through `ssl_vit.ops.linear`'s oneDNN path) or "mixed"; ratios are
+            like-for-like when both cases have the same path.
+        variant: "" for the case as it runs by default; "plain" / "onednn" for a twin whose linear
+            path was forced (`supervised/ours-plain`, `mae/hf+onednn`).
+        loss: the loss of a fixed batch from the case's current weights (no backward): tests and the
+            tool check that ours and its reference compute the same loss before timing them.
     """
 
     name: str
@@ -45,6 +52,9 @@ class Case:
     flops_fn: Callable[[], Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     track: tuple[Any, ...] = ()
+    linear: str = "plain"
+    variant: str = ""
+    loss: Callable[[], Any] | None = None
 
 
 def run_rounds(
@@ -136,6 +146,15 @@ def _tracked_tensors(track: tuple[Any, ...]) -> list[torch.Tensor]:
     return found
 
 
+def tracked_bytes(track: tuple[Any, ...]) -> int:
+    """Bytes of the tensors `track` holds now (weights, buffers, gradients, optimizer state), each storage once."""
+    seen: dict[int, int] = {}
+    for t in _tracked_tensors(track):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())
+
+
 def _peak_tensor_bytes(step: Callable[[], Any], steps: int, track: tuple[Any, ...]) -> int:
     """Peak bytes of live tensors while the steps run, `track`'s existing tensors included."""
     with _LiveTensorBytes(_tracked_tensors(track)) as tracker:
@@ -149,7 +168,9 @@ def measure_memory(
 ) -> dict[str, Any]:
     """Peak memory while running `step()` `steps` times, in MiB.
 
-    GPU: `torch.cuda.max_memory_allocated` ("cuda_allocated"). CPU: the peak of live tensor bytes
+    GPU: `torch.cuda.max_memory_allocated` during the steps less what was allocated before them (other
+    cases' models live on the device too), plus `track`'s tensors ("cuda_allocated"; the whole
+    process's peak is `process_peak_mib`). CPU: the peak of live tensor bytes
     (weights, gradients and optimizer state of `track`, activations, temporaries; "cpu_tensors"),
     plus the process's resident set size sampled every millisecond by a thread (`rss_peak_mib`: the
     whole process, every model built so far included).
@@ -158,11 +179,14 @@ def measure_memory(
     mib = 2.0**20
     if device.type == "cuda":
         sync(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(steps):
             step()
         sync(device)
-        return {"peak_mib": torch.cuda.max_memory_allocated(device) / mib, "kind": "cuda_allocated"}
+        peak = torch.cuda.max_memory_allocated(device)
+        own = peak - before + tracked_bytes(track)
+        return {"peak_mib": own / mib, "kind": "cuda_allocated", "process_peak_mib": peak / mib}
     peak = _rss()
     done = threading.Event()
 

@@ -1,35 +1,65 @@
 """The benchmarked steps: ours (the library as training runs it) and references of the same size.
 
-- backbone: forward + backward of our ViT vs `timm.create_model` of the same config (issue 2's number);
-- supervised: our `supervised` objective + the engine's optimizer vs `timm.create_model` (same
-  architecture, `backbone.timm_spec()`) + cross-entropy with the same smoothing + plain AdamW;
-- mae: our `mae` objective vs `transformers.ViTMAEForPreTraining` built from a config of the same size
-  (never downloaded), same mask ratio, norm-pix loss, decoder;
-- deit: our `deit` objective (hard distillation, frozen teacher) vs timm's distilled ViT + the same loss;
+"Ours" is the engine's own training step: a `Trainer` built on the objective (Accelerate, the engine's
+parameter groups and fused AdamW), timed through `Trainer._train_batch`, the code `fit()` runs per batch:
+the objective's hooks, forward, backward, lr / weight-decay update, gradient-norm clipping, the
+non-finite check and the optimizer step. The references are plain loops as their libraries document
+them, with the same optimizer implementation as ours (fused or foreach AdamW, whichever ours has):
+
+- backbone: forward + backward of our ViT vs `timm.create_model` of the same config (no optimizer);
+- supervised: our `supervised` objective vs `timm.create_model` (same architecture and weights,
+  `backbone.timm_spec()`) + cross-entropy with the same smoothing + AdamW;
+- mae: our `mae` objective vs `transformers.ViTMAEForPreTraining` of the same size (never downloaded),
+  with the same weights (HF's, converted by `ssl_vit.interop.mae_weights`), mask ratio and norm-pix loss;
+- deit: our `deit` objective (hard distillation) vs timm's distilled ViT + the same loss, same teacher;
+- dino: our `dino` objective vs lightly's DINO loop (timm ViT + `DINOProjectionHead` + `DINOLoss`, a
+  momentum teacher, the last layer's gradients cancelled in the first epoch), the same weights and views;
 - eval: feature extraction (`ssl_vit.eval.features.pool_features` in inference mode) vs timm inference.
-Every step runs on a fixed random batch already on the device: this measures the model and the
-optimizer, not the data pipeline (`tools/benchmark.py data` measures that).
+
+Every case can compute its loss on a fixed batch (`Case.loss`): ours and its reference give the same
+loss from the same weights, which tests/bench checks. Linear-path twins (`WorkloadConfig.twins`): where
+ours computes its linear layers through oneDNN (`ssl_vit.ops.linear`), the references are also timed on
+that path (`mae/hf+onednn`) and ours without it (`mae/ours-plain`), so every headline ratio has a
+like-for-like twin. Every step runs on a fixed random batch already on the device: this measures the
+model and the optimizer, not the data pipeline (`tools/benchmark.py data` measures that).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import io
+import shutil
+import tempfile
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_vit.bench.timing import Case
+from ssl_vit.ops import linear as linear_ops
+from ssl_vit.ops.linear import OneDNNLinear, plain_linears
 
 __all__ = [
+    "TRAIN_BUILDERS",
     "BenchEnv",
-    "backbone_cases",
     "WorkloadConfig",
+    "backbone_cases",
     "deit_cases",
+    "dino_cases",
+    "engine_trainer",
     "eval_cases",
+    "force_linears",
+    "grad_checkpointing_cases",
     "hf_mae_config",
+    "linear_path",
     "mae_cases",
     "scaling_cases",
     "supervised_cases",
@@ -37,6 +67,7 @@ __all__ = [
 ]
 
 LABEL_SMOOTHING = 0.1  # the supervised / deit objectives' default, applied to the references too
+TWINS = ("auto", "always", "never")
 
 
 @dataclass
@@ -82,7 +113,18 @@ class WorkloadConfig:
     seed: int = 0
     teacher: str = "resnet18"  # a timm architecture, randomly initialised, frozen
     onednn_objective: bool = False  # also route the objective's own linears (decoder, ...) through oneDNN
+    # Linear-path twins: "auto" (where ours computes with oneDNN: the references on that path too and ours
+    # without it), "always" (also where ours is plain: both sides forced onto oneDNN), "never".
+    twins: str = "auto"
+    dino_out_dim: int | None = None  # None: 4096 for <= 64 px images (the CIFAR config), else 65536
+    dino_hidden_dim: int = 2048  # DINO head's MLP (the paper's)
+    dino_bottleneck_dim: int = 256
+    local_crops: int = 8  # DINO's local views per image (paper: 8), each default_local_crop_size
     overrides: dict[str, Any] = field(default_factory=dict)  # extra create_backbone kwargs (img_size, ...)
+
+    def __post_init__(self) -> None:
+        if self.twins not in TWINS:
+            raise ValueError(f"twins must be one of {', '.join(TWINS)}, got {self.twins!r}.")
 
 
 def _img_size(cfg: WorkloadConfig) -> int:
@@ -112,26 +154,209 @@ def _batch(env: BenchEnv, batch: int, img_size: int, classes: int, seed: int) ->
     return images, labels
 
 
-def _our_optimizer(module: nn.Module, cfg: WorkloadConfig, env: BenchEnv) -> torch.optim.Optimizer:
-    """The optimizer training builds (the engine's param groups and AdamW settings)."""
-    from ssl_vit.engine.config import OptimConfig
-    from ssl_vit.engine.optim import build_optimizer, param_groups
-
-    oc = OptimConfig(weight_decay=cfg.weight_decay)
-    return build_optimizer(param_groups(module, oc.weight_decay, oc.layer_decay), oc, cfg.lr, env.device.type)
+# ---------------------------------------------------------------------------------------------------
+# Linear paths
 
 
-def _plain_adamw(module: nn.Module, cfg: WorkloadConfig) -> torch.optim.Optimizer:
-    """A reference's optimizer: torch's AdamW with its defaults, one group, as a plain loop would write it."""
-    return torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+def _onednn_possible(env: BenchEnv) -> bool:
+    """oneDNN's linear path computes only fp32 CPU tensors, in a torch built with it, when not forced off."""
+    return (
+        env.device.type == "cpu"
+        and env.precision == "no"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and linear_ops._forced() is not False
+    )
 
 
-def _train_case(
-    name: str, group: str, role: str, module: nn.Module, loss_fn: Callable[[], torch.Tensor],
-    optimizer: torch.optim.Optimizer, env: BenchEnv, images: int, info: dict[str, Any],
-) -> Case:
-    """A training step (forward, backward, optimizer step) and its FLOP-counting twin (no optimizer step)."""
-    module.train()
+def linear_path(module: nn.Module, env: BenchEnv) -> str:
+    """The path `module`'s trainable linear layers compute with in `env`: "plain", "onednn" or "mixed"."""
+    if not _onednn_possible(env):
+        return "plain"
+    trainable = [m for m in module.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    onednn = sum(type(m) is OneDNNLinear for m in trainable)
+    return "plain" if onednn == 0 else "onednn" if onednn == len(trainable) else "mixed"
+
+
+def force_linears(module: nn.Module, path: str) -> nn.Module:
+    """Every linear layer of `module` onto `path` ("plain": `nn.Linear`, "onednn": `OneDNNLinear`), in place."""
+    if path == "plain":
+        return plain_linears(module)
+    if path != "onednn":
+        raise ValueError(f"path must be 'plain' or 'onednn', got {path!r}.")
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear  # same parameters and keys: ssl_vit.ops.linear's own conversion
+    return module
+
+
+def _twin_variants(path: str, cfg: WorkloadConfig, env: BenchEnv) -> tuple[list[str], list[str]]:
+    """(ours' twins, the reference's twins): forced linear paths that make every ratio like-for-like."""
+    if cfg.twins == "never" or not _onednn_possible(env):
+        return [], []
+    ours = (["plain"] if path != "plain" else []) + (["onednn"] if path == "mixed" or (path == "plain" and cfg.twins == "always") else [])
+    refs = ["onednn"] if path != "plain" or cfg.twins == "always" else []
+    return ours, refs
+
+
+def _variant_name(group: str, impl: str, variant: str) -> str:
+    return f"{group}/{impl}" + {"": "", "plain": "-plain", "onednn": "+onednn"}[variant]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ours: the engine's training step
+
+
+class _Samples(Dataset):
+    """The samples of one (CPU) batch: what the trainer's loader holds (its batch size, `_fixed_batch`)."""
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        self.batch = tree_map(lambda t: t.cpu() if torch.is_tensor(t) else t, batch)
+        self.size = next(t for t in torch.utils._pytree.tree_leaves(self.batch) if torch.is_tensor(t)).shape[0]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Any:
+        return tree_map(lambda t: t[i] if torch.is_tensor(t) else t, self.batch)
+
+
+def engine_trainer(
+    objective: nn.Module, batch: dict[str, Any], env: BenchEnv, cfg: WorkloadConfig, *, grad_checkpointing: bool = False
+) -> Any:
+    """A `Trainer` on `objective` as a training run builds it, ready for `_train_batch(batch)`.
+
+    Its config is the engine's defaults with lr `cfg.lr`, weight decay `cfg.weight_decay`, no warm-up,
+    no trackers or checkpoints, and a schedule long enough never to end; its output folder is a
+    temporary one, removed with the trainer.
+    """
+    from ssl_vit.config import PretrainConfig
+    from ssl_vit.engine import Trainer
+
+    out = tempfile.mkdtemp(prefix="ssl_vit_bench_")
+    run = PretrainConfig(output_dir=out, seed=cfg.seed)
+    samples = _Samples(batch)
+    run.train = dataclasses.replace(
+        run.train, epochs=10**6, batch_size=len(samples), mixed_precision=env.precision, report_to=[],
+        save_every=0, resume="never", log_every=10**9, eval_every=0, vis_every=0, grad_checkpointing=grad_checkpointing,
+    )
+    run.optim = dataclasses.replace(run.optim, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=0.0)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")  # "log_with=[]: no trackers installed"
+        trainer = Trainer(run, objective, DataLoader(samples, batch_size=len(samples)))
+        trainer._begin()  # the session state `fit()` starts with (the progress bar goes to the void)
+    weakref.finalize(trainer, shutil.rmtree, out, True)
+    if trainer.accelerator.device != env.device:
+        raise RuntimeError(
+            f"the trainer runs on {trainer.accelerator.device}, the benchmark on {env.device}: with --device cpu on a "
+            f"GPU machine set ACCELERATE_USE_CPU=1 too."
+        )
+    return trainer
+
+
+def _no_grad_loss(fn: Callable[[], torch.Tensor], *modules: nn.Module, eval_mode: bool = False) -> Callable[[], torch.Tensor]:
+    """`fn()` without gradients (optionally in eval mode, the modules' modes restored): a case's `loss`."""
+
+    def loss() -> torch.Tensor:
+        modes = [m.training for m in modules]
+        if eval_mode:
+            for m in modules:
+                m.eval()
+        try:
+            with torch.no_grad():
+                return fn().detach().float()
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    return loss
+
+
+def _ours_cases(
+    group: str, objective: nn.Module, batch: dict[str, Any], check_batch: dict[str, Any], env: BenchEnv,
+    cfg: WorkloadConfig, images: int, info: dict[str, Any], *, eval_check: bool = False,
+) -> tuple[list[Case], torch.optim.Optimizer, str]:
+    """Ours (and its linear-path twins): each a Trainer's `_train_batch` on its own copy of the objective.
+
+    Returns (cases, the default case's optimizer, its linear path).
+    """
+    objective = objective.to(env.device)
+    path = linear_path(objective, env)
+    twins, _ = _twin_variants(path, cfg, env)
+    copies = {"": objective, **{v: force_linears(copy.deepcopy(objective), v) for v in twins}}  # before any step
+    cases, optimizer = [], None
+    for variant, module in copies.items():
+        trainer = engine_trainer(module, batch, env, cfg)
+        optimizer = optimizer or trainer.optimizer.optimizer
+
+        def step(t: Any = trainer) -> None:
+            t._train_batch(batch)
+
+        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        lin = linear_path(module, env)
+        cases.append(Case(
+            _variant_name(group, "ours", variant), group, "ours", step, images,
+            info={**info, "trainable_params": params, "linear": lin, "impl": info.get("impl", "ssl_vit") + " + Trainer"},
+            track=(trainer.unwrapped, trainer.optimizer.optimizer), linear=lin, variant=variant,
+            loss=_no_grad_loss(lambda t=trainer: t.model(check_batch)["loss"], module, eval_mode=eval_check),
+        ))
+    return cases, optimizer, path
+
+
+# ---------------------------------------------------------------------------------------------------
+# References
+
+
+def _matching_adamw(params: Any, cfg: WorkloadConfig, like: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """torch's AdamW for a reference loop, one group, the same implementation (fused / foreach) as `like`."""
+    fused = bool(like.defaults.get("fused"))
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(like.defaults["betas"]), eps=like.defaults["eps"],
+        fused=fused or None, foreach=None if fused else like.defaults.get("foreach"),
+    )
+
+
+def _optimizer_impl(optimizer: torch.optim.Optimizer) -> str:
+    return "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else "default"
+
+
+def _ref_variants(path: str, cfg: WorkloadConfig, env: BenchEnv) -> list[str]:
+    return [""] + _twin_variants(path, cfg, env)[1]
+
+
+def _variant_cases(
+    group: str, impl: str, role: str, module: nn.Module,
+    make: Callable[[nn.Module], tuple[Callable[[], Any], Callable[[], torch.Tensor], tuple[Any, ...]]],
+    variants: list[str], env: BenchEnv, images: int, info: dict[str, Any], rebuild: Callable[[], nn.Module] | None = None,
+) -> list[Case]:
+    """`module` as it is (variant "") and on each forced linear path of `variants`, each made into a Case by
+    `make(module)` -> (step, loss on the check batch, track). A twin is `rebuild()` (default: a deep copy of
+    `module`; all are taken before any step) with its linear layers forced onto the path."""
+    rebuild = rebuild or (lambda: copy.deepcopy(module))
+    copies = {v: module if v == "" else force_linears(rebuild(), v) for v in variants}
+    cases = []
+    for variant, m in copies.items():
+        step, loss, track = make(m)
+        lin = linear_path(m, env)
+        params = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        cases.append(Case(
+            _variant_name(group, impl, variant), group, role, step, images,
+            info={**info, "trainable_params": params, "linear": lin}, track=track, linear=lin, variant=variant, loss=loss,
+        ))
+    return cases
+
+
+def _reference_cases(
+    group: str, impl: str, reference: nn.Module, make: Callable[[nn.Module], tuple[Any, Any, tuple[Any, ...]]],
+    path: str, env: BenchEnv, cfg: WorkloadConfig, images: int, info: dict[str, Any],
+    rebuild: Callable[[], nn.Module] | None = None,
+) -> list[Case]:
+    """The reference (and its twin on ours' linear path, when ours has one)."""
+    return _variant_cases(group, impl, "reference", reference, make, _ref_variants(path, cfg, env), env, images, info, rebuild)
+
+
+def _optimized_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, env: BenchEnv) -> Callable[[], None]:
+    """A plain loop's step: forward (autocast), backward, optimizer step, zero_grad."""
 
     def step() -> None:
         with env.autocast():
@@ -140,15 +365,7 @@ def _train_case(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def forward_backward() -> None:
-        with env.autocast():
-            loss = loss_fn()
-        loss.backward()
-        optimizer.zero_grad(set_to_none=True)
-
-    params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    info = {"trainable_params": params, **info}
-    return Case(name, group, role, step, images, forward_backward, info, track=(module, optimizer))
+    return step
 
 
 def _maybe_onednn(module: nn.Module, cfg: WorkloadConfig) -> nn.Module:
@@ -159,83 +376,86 @@ def _maybe_onednn(module: nn.Module, cfg: WorkloadConfig) -> nn.Module:
     return module
 
 
+def _timm_twin(backbone: nn.Module) -> tuple[nn.Module, str, dict[str, Any]]:
+    """timm's own model of the backbone's architecture, with its weights."""
+    import timm
+
+    timm_name, kwargs = backbone.timm_spec()
+    ref = timm.create_model(timm_name, pretrained=False, **kwargs)
+    ref.load_state_dict(backbone.state_dict())
+    return ref, timm_name, kwargs
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training steps
 
 
 def supervised_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
-    """Our supervised objective vs timm's model + cross-entropy + plain AdamW (same weights at start)."""
-    import timm
-
+    """Our supervised objective vs timm's model + cross-entropy + AdamW (same weights at start)."""
     from ssl_vit.models import create_backbone
     from ssl_vit.objectives import build_objective
 
     torch.manual_seed(cfg.seed)
     classes = _classes(cfg)
     backbone = create_backbone(cfg.model, num_classes=classes, **cfg.overrides)
-    ours = _maybe_onednn(build_objective("supervised", backbone, label_smoothing=LABEL_SMOOTHING), cfg).to(env.device)
+    ours = _maybe_onednn(build_objective("supervised", backbone, label_smoothing=LABEL_SMOOTHING), cfg)
     images, labels = _batch(env, cfg.batch_size, _img_size(cfg), classes, cfg.seed)
     batch = {"pixel_values": images, "labels": labels}
     info = {"model": cfg.model, "num_classes": classes, "batch_size": cfg.batch_size}
-    cases = [
-        _train_case(
-            "supervised/ours", "supervised", "ours", ours, lambda: ours(batch)["loss"],
-            _our_optimizer(ours, cfg, env), env, cfg.batch_size, {**info, "impl": "ssl_vit supervised objective"},
-        )
-    ]
-    if reference:
-        timm_name, kwargs = backbone.timm_spec()
-        ref = timm.create_model(timm_name, pretrained=False, **kwargs)
-        ref.load_state_dict(backbone.state_dict())
-        ref.to(env.device)
-        cases.append(
-            _train_case(
-                "supervised/timm", "supervised", "reference", ref,
-                lambda: F.cross_entropy(ref(images), labels, label_smoothing=LABEL_SMOOTHING),
-                _plain_adamw(ref, cfg), env, cfg.batch_size,
-                {**info, "impl": f"timm.create_model({timm_name!r}, {kwargs}) + CE + AdamW"},
-            )
-        )
+    ref = _timm_twin(backbone) if reference else None  # copied before any step
+    cases, optimizer, path = _ours_cases(
+        "supervised", ours, batch, batch, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit supervised objective"}
+    )
+    if ref is not None:
+        model, timm_name, kwargs = ref
+
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            m.to(env.device).train()
+            opt = _matching_adamw(m.parameters(), cfg, optimizer)
+
+            def loss_fn() -> torch.Tensor:
+                return F.cross_entropy(m(images), labels, label_smoothing=LABEL_SMOOTHING)
+
+            return _optimized_step(loss_fn, opt, env), _no_grad_loss(loss_fn, m), (m, opt)
+
+        impl = f"timm.create_model({timm_name!r}, {kwargs}) + CE + AdamW ({_optimizer_impl(optimizer)})"
+        cases += _reference_cases("supervised", "timm", model, make, path, env, cfg, cfg.batch_size, {**info, "impl": impl})
     return cases
 
 
 def backbone_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
     """Forward + backward of the bare backbone vs `timm.create_model` of the same config (no loss, no optimizer).
 
-    The measurement issue 2 asks for: the same weights, the same batch, logits.mean().backward().
+    The same weights, the same batch, logits.mean().backward().
     """
-    import timm
-
     from ssl_vit.models import create_backbone
 
     torch.manual_seed(cfg.seed)
     classes = _classes(cfg)
-    backbone = create_backbone(cfg.model, num_classes=classes, **cfg.overrides).to(env.device).train()
+    backbone = create_backbone(cfg.model, num_classes=classes, **cfg.overrides)
     images, _ = _batch(env, cfg.batch_size, _img_size(cfg), classes, cfg.seed)
     info = {"model": cfg.model, "num_classes": classes, "batch_size": cfg.batch_size}
+    path = linear_path(backbone, env)
 
-    def fwd_bwd(model: nn.Module) -> Callable[[], None]:
+    def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+        m.to(env.device).train()
+
         def step() -> None:
             with env.autocast():
-                out = model(images)  # (B, C)
+                out = m(images)  # (B, C)
             out.float().mean().backward()
-            model.zero_grad(set_to_none=True)
+            m.zero_grad(set_to_none=True)
 
-        return step
+        return step, _no_grad_loss(lambda: m(images).float().mean(), m), (m,)
 
-    cases = [
-        Case("backbone/ours", "backbone", "ours", fwd_bwd(backbone), cfg.batch_size,
-             info={**info, "impl": "ssl_vit ViT"}, track=(backbone,))
-    ]
-    if reference:
-        timm_name, kwargs = backbone.timm_spec()
-        ref = timm.create_model(timm_name, pretrained=False, **kwargs)
-        ref.load_state_dict(backbone.state_dict())
-        ref.to(env.device).train()
-        cases.append(
-            Case("backbone/timm", "backbone", "reference", fwd_bwd(ref), cfg.batch_size,
-                 info={**info, "impl": f"timm.create_model({timm_name!r}, {kwargs})"}, track=(ref,))
-        )
+    ref = _timm_twin(backbone) if reference else None
+    ours_twins, _ = _twin_variants(path, cfg, env)
+    cases = _variant_cases("backbone", "ours", "ours", backbone, make, ["", *ours_twins], env, cfg.batch_size,
+                           {**info, "impl": "ssl_vit ViT"})
+    if ref is not None:
+        model, timm_name, kwargs = ref
+        cases += _reference_cases("backbone", "timm", model, make, path, env, cfg, cfg.batch_size,
+                                  {**info, "impl": f"timm.create_model({timm_name!r}, {kwargs})"})
     return cases
 
 
@@ -265,7 +485,6 @@ def hf_mae_config(backbone: nn.Module, mask_ratio: float, decoder: dict[str, int
 
 def _mae(
     cfg: WorkloadConfig,
-    env: BenchEnv,
     mask_ratio: float,
     overrides: dict[str, Any],
     decoder: dict[str, int] | None = None,
@@ -277,33 +496,38 @@ def _mae(
     img = backbone.patch_embed.img_size[0]
     decoder = decoder or _decoder(cfg, img)
     mae = build_objective("mae", backbone, mask_ratio=mask_ratio, norm_pix_loss=True, **decoder)
-    return _maybe_onednn(mae, cfg).to(env.device), decoder, img
+    return _maybe_onednn(mae, cfg), decoder, img
 
 
 def mae_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
-    """Our MAE objective vs Hugging Face's ViTMAEForPreTraining of the same size."""
+    """Our MAE objective vs Hugging Face's ViTMAEForPreTraining of the same size, with the same weights."""
     torch.manual_seed(cfg.seed)
-    ours, decoder, img = _mae(cfg, env, cfg.mask_ratio, cfg.overrides)
+    ours, decoder, img = _mae(cfg, cfg.mask_ratio, cfg.overrides)
     images, _ = _batch(env, cfg.batch_size, img, 1, cfg.seed)
-    batch = {"pixel_values": images}
+    batch = {"pixel_values": images}  # fresh masks every step, as in training (both sides)
+    noise = torch.rand(cfg.batch_size, ours.num_patches, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    check = {"pixel_values": images, "noise": noise.to(env.device)}  # one mask for the loss check
     info = {"model": cfg.model, "mask_ratio": cfg.mask_ratio, "batch_size": cfg.batch_size, **decoder}
-    cases = [
-        _train_case(
-            "mae/ours", "mae", "ours", ours, lambda: ours(batch)["loss"], _our_optimizer(ours, cfg, env), env,
-            cfg.batch_size, {**info, "impl": "ssl_vit mae objective"},
-        )
-    ]
+    hf = None
     if reference:
         from transformers import ViTMAEForPreTraining
 
-        hf = ViTMAEForPreTraining(hf_mae_config(ours.backbone, cfg.mask_ratio, decoder)).to(env.device)
-        impl = f"transformers.ViTMAEForPreTraining ({hf.config._attn_implementation})"
-        cases.append(
-            _train_case(
-                "mae/hf", "mae", "reference", hf, lambda: hf(pixel_values=images).loss, _plain_adamw(hf, cfg), env,
-                cfg.batch_size, {**info, "impl": impl},
-            )
-        )
+        from ssl_vit.interop.mae_weights import hf_vitmae_to_ours
+
+        hf = ViTMAEForPreTraining(hf_mae_config(ours.backbone, cfg.mask_ratio, decoder))
+        backbone_sd, decoder_sd = hf_vitmae_to_ours(hf.state_dict())  # the same weights on both sides
+        ours.load_state_dict({**{f"backbone.{k}": v for k, v in backbone_sd.items()}, **decoder_sd})
+    cases, optimizer, path = _ours_cases("mae", ours, batch, check, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit mae objective"})
+    if hf is not None:
+
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            m.to(env.device).train()
+            opt = _matching_adamw(m.parameters(), cfg, optimizer)
+            step = _optimized_step(lambda: m(pixel_values=images).loss, opt, env)
+            return step, _no_grad_loss(lambda: m(pixel_values=images, noise=check["noise"]).loss, m), (m, opt)
+
+        impl = f"transformers.ViTMAEForPreTraining ({hf.config._attn_implementation}) + AdamW ({_optimizer_impl(optimizer)})"
+        cases += _reference_cases("mae", "hf", hf, make, path, env, cfg, cfg.batch_size, {**info, "impl": impl})
     return cases
 
 
@@ -319,7 +543,7 @@ def _distilled_name(model: str) -> str | None:
 
 
 def deit_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
-    """Our deit objective (hard distillation) vs timm's distilled ViT + the same loss, same frozen teacher."""
+    """Our deit objective (hard distillation) vs timm's distilled ViT + the same loss, the same frozen teacher."""
     import timm
 
     from ssl_vit.models import create_backbone
@@ -334,41 +558,161 @@ def deit_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
     classes = _classes(cfg)
     student = create_backbone(name, num_classes=classes, **cfg.overrides)
     teacher = timm.create_model(cfg.teacher, pretrained=False, num_classes=classes)
+    ref = None
+    if reference:  # copies before any step: the same student and teacher weights
+        model, timm_name, kwargs = _timm_twin(student)
+        ref_teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        ref = nn.ModuleDict({"student": model, "teacher": ref_teacher})
     ours = build_objective("deit", student, type="hard", teacher=teacher, label_smoothing=LABEL_SMOOTHING)
-    ours = _maybe_onednn(ours, cfg).to(env.device)
+    ours = _maybe_onednn(ours, cfg)
     images, labels = _batch(env, cfg.batch_size, student.patch_embed.img_size[0], classes, cfg.seed)
     batch = {"pixel_values": images, "labels": labels}
     info = {"model": name, "teacher": cfg.teacher, "num_classes": classes, "batch_size": cfg.batch_size}
-    cases = [
-        _train_case(
-            "deit/ours", "deit", "ours", ours, lambda: ours(batch)["loss"], _our_optimizer(ours, cfg, env), env,
-            cfg.batch_size, {**info, "impl": "ssl_vit deit objective (hard)"},
-        )
-    ]
-    if reference:
-        timm_name, kwargs = student.timm_spec()
-        ref = timm.create_model(timm_name, pretrained=False, **kwargs)
-        ref.load_state_dict(student.state_dict())
-        ref.set_distilled_training(True)  # train mode returns (class logits, distillation logits)
-        ref_teacher = timm.create_model(cfg.teacher, pretrained=False, num_classes=classes).eval().requires_grad_(False)
-        ref.to(env.device)
-        ref_teacher.to(env.device)
+    cases, optimizer, path = _ours_cases("deit", ours, batch, batch, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit deit objective (hard)"})
+    if ref is not None:
 
-        def ref_loss() -> torch.Tensor:
-            cls_logits, dist_logits = ref(images)
-            with torch.no_grad():
-                teacher_labels = ref_teacher(images).argmax(dim=-1)
-            return 0.5 * F.cross_entropy(cls_logits, labels, label_smoothing=LABEL_SMOOTHING) + 0.5 * F.cross_entropy(
-                dist_logits, teacher_labels
-            )
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            student_ref, teacher_ref = m["student"], m["teacher"]
+            m.to(env.device)
+            student_ref.train()
+            student_ref.set_distilled_training(True)  # train mode returns (class logits, distillation logits)
+            opt = _matching_adamw(student_ref.parameters(), cfg, optimizer)
 
-        ref_case = _train_case(
-            "deit/timm", "deit", "reference", ref, ref_loss, _plain_adamw(ref, cfg), env, cfg.batch_size,
-            {**info, "impl": f"timm.create_model({timm_name!r}, {kwargs}) distilled training + AdamW"},
-        )
-        ref_case.track += (ref_teacher,)  # ours holds its teacher as a submodule: count both alike
-        cases.append(ref_case)
+            def loss_fn() -> torch.Tensor:
+                cls_logits, dist_logits = student_ref(images)
+                with torch.no_grad():
+                    teacher_labels = teacher_ref(images).argmax(dim=-1)
+                return 0.5 * F.cross_entropy(cls_logits, labels, label_smoothing=LABEL_SMOOTHING) + 0.5 * F.cross_entropy(
+                    dist_logits, teacher_labels
+                )
+
+            return _optimized_step(loss_fn, opt, env), _no_grad_loss(loss_fn), (student_ref, opt, teacher_ref)
+
+        impl = f"timm.create_model({timm_name!r}, {kwargs}) distilled training + AdamW ({_optimizer_impl(optimizer)})"
+        cases += _reference_cases("deit", "timm", ref, make, path, env, cfg, cfg.batch_size, {**info, "impl": impl})
     return cases
+
+
+def _dino_views(env: BenchEnv, cfg: WorkloadConfig, img: int, local: int, seed: int) -> dict[str, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    b = cfg.batch_size
+
+    def views(n: int, size: int) -> list[torch.Tensor]:
+        return [torch.randn(b, 3, size, size, generator=gen).to(env.device) for _ in range(n)]
+
+    return {"global_crops": views(2, img), "local_crops": views(cfg.local_crops, local)}
+
+
+def dino_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
+    """Our dino objective vs lightly's DINO loop (its examples/pytorch/dino.py on a timm ViT), the same weights.
+
+    lightly's loop runs the backbone once per view (2 global + local crops), as its example does; ours runs
+    one pass per crop size (the official MultiCropWrapper). Both: the momentum teacher, the centre, the
+    teacher temperature 0.04, the last layer frozen in the first epoch (1 step here).
+    """
+    from ssl_vit.models import create_backbone
+    from ssl_vit.objectives import build_objective
+    from ssl_vit.objectives.dino import default_local_crop_size
+
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.model, num_classes=0, dynamic_img_size=True, **cfg.overrides)
+    img, patch = backbone.patch_embed.img_size[0], backbone.patch_embed.patch_size[0]
+    out_dim = cfg.dino_out_dim or (4096 if img <= 64 else 65536)
+    local = default_local_crop_size(img, patch)
+    head = {"out_dim": out_dim, "hidden_dim": cfg.dino_hidden_dim, "bottleneck_dim": cfg.dino_bottleneck_dim}
+    ours = build_objective("dino", backbone, local_crops=cfg.local_crops, warmup_teacher_temp_epochs=0.0, **head)
+    ours = _maybe_onednn(ours, cfg)
+    batch = _dino_views(env, cfg, img, local, cfg.seed)
+    info = {"model": cfg.model, "batch_size": cfg.batch_size, "views": 2 + cfg.local_crops, "local_size": local, **head}
+    ref = _lightly_dino(ours, head) if reference else None  # copies before any step
+    cases, optimizer, path = _ours_cases(
+        "dino", ours, batch, batch, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit dino objective"}, eval_check=True
+    )
+    if ref is not None:
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        views = [*batch["global_crops"], *batch["local_crops"]]
+        total = 10**6  # as the trainer's schedule: never ends
+
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            m.to(env.device).train()
+            student, teacher, criterion = m["student"], m["teacher"], m["criterion"]
+            teacher.eval()
+            opt = _matching_adamw([p for p in student.parameters() if p.requires_grad], cfg, optimizer)
+            state = {"step": 0}
+
+            def outputs(loss_module: nn.Module) -> torch.Tensor:
+                teacher_out = [teacher(v) for v in batch["global_crops"]]
+                student_out = [student(v) for v in views]
+                return loss_module(teacher_out, student_out, epoch=state["step"])
+
+            def step() -> None:
+                momentum = cosine_schedule(state["step"], total, 0.996, 1.0)
+                update_momentum(student["backbone"], teacher["backbone"], m=momentum)
+                update_momentum(student["head"], teacher["head"], m=momentum)
+                with env.autocast():
+                    loss = outputs(criterion)
+                loss.backward()
+                student["head"].cancel_last_layer_gradients(current_epoch=state["step"])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state["step"] += 1
+
+            # The check leaves the loss's centre untouched (lightly's DINOLoss updates it in forward).
+            check = _no_grad_loss(lambda: outputs(copy.deepcopy(criterion)), student)
+            return step, check, (student, opt, teacher, criterion)
+
+        impl = f"lightly DINO (timm ViT + DINOProjectionHead + DINOLoss, one pass per view) + AdamW ({_optimizer_impl(optimizer)})"
+        cases += _reference_cases(
+            "dino", "lightly", ref, make, path, env, cfg, cfg.batch_size, {**info, "impl": impl},
+            rebuild=lambda: _lightly_dino(ours, head),  # ours has taken no step yet: the same weights
+        )
+    return cases
+
+
+class _Student(nn.Sequential):
+    """backbone then head, as lightly's example composes them; `["backbone"]` / `["head"]` index them."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.add_module("backbone", backbone)
+        self.add_module("head", head)
+
+    def __getitem__(self, key: Any) -> nn.Module:
+        return getattr(self, key) if isinstance(key, str) else super().__getitem__(key)
+
+
+def _lightly_dino(ours: nn.Module, head: dict[str, int]) -> nn.ModuleDict:
+    """lightly's DINO parts with our objective's weights: student (timm ViT + head), teacher, loss.
+
+    Built afresh for each copy: lightly's head uses `torch.nn.utils.weight_norm`, which cannot be deep-copied.
+    """
+    from lightly.loss import DINOLoss
+
+    student = _lightly_student(ours, head)
+    teacher = _lightly_student(ours, head).requires_grad_(False)  # lightly's example: a copy of the student
+    criterion = DINOLoss(output_dim=head["out_dim"], warmup_teacher_temp_epochs=0, teacher_temp=ours.teacher_temp,
+                         student_temp=ours.student_temp, center_momentum=ours.center_momentum)
+    return nn.ModuleDict({"student": student, "teacher": teacher, "criterion": criterion})
+
+
+def _lightly_student(ours: nn.Module, head: dict[str, int]) -> nn.Module:
+    from lightly.models.modules.heads import DINOProjectionHead
+
+    backbone, _, _ = _timm_twin(ours.backbone)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # lightly's head uses torch.nn.utils.weight_norm
+        projection = DINOProjectionHead(
+            ours.backbone.embed_dim, head["hidden_dim"], head["bottleneck_dim"], head["out_dim"], batch_norm=False,
+            freeze_last_layer=1, norm_last_layer=True,
+        )
+    names = {f"layers.{i}.{p}": f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    names["last_layer.weight_g"] = "last_layer.parametrizations.weight.original0"
+    names["last_layer.weight_v"] = "last_layer.parametrizations.weight.original1"
+    ours_head = ours.head.state_dict()
+    projection.load_state_dict({k: ours_head[v] for k, v in names.items()})
+    return _Student(backbone, projection)
 
 
 TRAIN_BUILDERS: dict[str, Callable[[WorkloadConfig, BenchEnv, bool], list[Case]]] = {
@@ -376,6 +720,7 @@ TRAIN_BUILDERS: dict[str, Callable[[WorkloadConfig, BenchEnv, bool], list[Case]]
     "supervised": supervised_cases,
     "mae": mae_cases,
     "deit": deit_cases,
+    "dino": dino_cases,
 }
 
 
@@ -388,43 +733,104 @@ def train_cases(objectives: list[str], cfg: WorkloadConfig, env: BenchEnv, refer
 
 
 # ---------------------------------------------------------------------------------------------------
+# Activation (gradient) checkpointing
+
+
+def grad_checkpointing_cases(cfg: WorkloadConfig, env: BenchEnv, objectives: list[str]) -> list[Case]:
+    """Ours with `train.grad_checkpointing` off and on (`<objective>/ours+ckpt`), the same weights and batch.
+
+    Objectives: supervised and/or mae. Both trainers are built the way a run builds them, so the
+    checkpointed case runs what `train.grad_checkpointing=true` runs (timm's per-block checkpointing
+    inside the backbone's `forward_features`, MAE's visible-token path included). `flops_fn` is the
+    trainer's forward + backward alone: with the gradients already allocated, its peak above the
+    tracked tensors is the activations' memory.
+    """
+    from ssl_vit.models import create_backbone
+    from ssl_vit.objectives import build_objective
+
+    cases: list[Case] = []
+    for objective in objectives:
+        torch.manual_seed(cfg.seed)
+        if objective == "supervised":
+            classes = _classes(cfg)
+            module = build_objective(
+                "supervised", create_backbone(cfg.model, num_classes=classes, **cfg.overrides), label_smoothing=LABEL_SMOOTHING
+            )
+            images, labels = _batch(env, cfg.batch_size, _img_size(cfg), classes, cfg.seed)
+            batch: dict[str, Any] = {"pixel_values": images, "labels": labels}
+            check = batch
+        elif objective == "mae":
+            module, _, img = _mae(cfg, cfg.mask_ratio, cfg.overrides)
+            images, _ = _batch(env, cfg.batch_size, img, 1, cfg.seed)
+            noise = torch.rand(cfg.batch_size, module.num_patches, generator=torch.Generator().manual_seed(cfg.seed + 1))
+            batch = {"pixel_values": images, "noise": noise.to(env.device)}  # one mask: the two cases compare
+            check = batch
+        else:
+            raise ValueError(f"grad checkpointing is measured for supervised and mae, not {objective!r}.")
+        module = module.to(env.device)
+        copies = {False: module, True: copy.deepcopy(module)}
+        for ckpt, m in copies.items():
+            trainer = engine_trainer(m, batch, env, cfg, grad_checkpointing=ckpt)
+
+            def step(t: Any = trainer, b: dict[str, Any] = batch) -> None:
+                t._train_batch(b)
+
+            def forward_backward(t: Any = trainer, b: dict[str, Any] = batch) -> None:
+                t.accelerator.backward(t.model(b)["loss"])  # into the gradients as they are (no optimizer step)
+
+            name = f"{objective}/ours" + ("+ckpt" if ckpt else "")
+            info = {"model": cfg.model, "batch_size": cfg.batch_size, "grad_checkpointing": ckpt}
+            cases.append(Case(
+                name, objective, "ours", step, cfg.batch_size, flops_fn=forward_backward, info=info,
+                track=(trainer.unwrapped, trainer.optimizer.optimizer), linear=linear_path(m, env),
+                variant="ckpt" if ckpt else "",
+                loss=_no_grad_loss(lambda t=trainer, b=check: t.model(b)["loss"], m),
+            ))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------
 # Feature extraction
 
 
 def eval_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
     """Frozen features (class token, pre-logits) in inference mode: ours vs timm's model."""
-    import timm
-
     from ssl_vit.eval.features import pool_features
     from ssl_vit.models import create_backbone
 
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.model, num_classes=0, **cfg.overrides).to(env.device).eval()
+    backbone = create_backbone(cfg.model, num_classes=0, **cfg.overrides).eval()
     images, _ = _batch(env, cfg.eval_batch_size, _img_size(cfg), 1, cfg.seed)
     info = {"model": cfg.model, "batch_size": cfg.eval_batch_size}
+    path = linear_path(backbone, env)
+    ref = _timm_twin(backbone) if reference else None
 
-    def ours() -> None:
-        with torch.inference_mode(), env.autocast():
-            pool_features(backbone, images, "token")
+    def make_ours(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+        m.to(env.device)
 
-    cases = [
-        Case("eval/ours", "eval", "ours", ours, cfg.eval_batch_size,
-             info={**info, "impl": "ssl_vit pool_features"}, track=(backbone,))
-    ]
-    if reference:
-        timm_name, kwargs = backbone.timm_spec()
-        ref = timm.create_model(timm_name, pretrained=False, **kwargs)
-        ref.load_state_dict(backbone.state_dict())
-        ref.to(env.device).eval()
-
-        def theirs() -> None:
+        def ours() -> torch.Tensor:
             with torch.inference_mode(), env.autocast():
-                ref.forward_head(ref.forward_features(images), pre_logits=True)
+                return pool_features(m, images, "token")
 
-        cases.append(
-            Case("eval/timm", "eval", "reference", theirs, cfg.eval_batch_size,
-                 info={**info, "impl": f"timm {timm_name} inference"}, track=(ref,))
-        )
+        return ours, lambda: ours().float().square().mean(), (m,)
+
+    ours_twins, _ = _twin_variants(path, cfg, env)
+    cases = _variant_cases("eval", "ours", "ours", backbone, make_ours, ["", *ours_twins], env, cfg.eval_batch_size,
+                           {**info, "impl": "ssl_vit pool_features"})
+    if ref is not None:
+        model, timm_name, _ = ref
+
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            m.to(env.device).eval()
+
+            def theirs() -> torch.Tensor:
+                with torch.inference_mode(), env.autocast():
+                    return m.forward_head(m.forward_features(images), pre_logits=True)
+
+            return theirs, lambda: theirs().float().square().mean(), (m,)
+
+        cases += _reference_cases("eval", "timm", model, make, path, env, cfg, cfg.eval_batch_size,
+                                  {**info, "impl": f"timm {timm_name} inference"})
     return cases
 
 
@@ -441,10 +847,10 @@ def scaling_cases(
 ) -> list[Case]:
     """MAE steps for every mask ratio at the first size, and every size at cfg.mask_ratio.
 
-    Each setting gets two cases: the full training step ("scaling/step/...") and the encoder alone,
-    forward + backward of the visible patches ("scaling/encoder/..."), whose cost should follow the
-    share of visible patches. The decoder is the first size's at every size, so only the encoder's
-    input changes.
+    Each setting gets two cases: the full training step through the engine ("scaling/step/...") and
+    the encoder alone, forward + backward of the visible patches ("scaling/encoder/..."), whose cost
+    should follow the share of visible patches. The decoder is the first size's at every size, so only
+    the encoder's input changes.
     """
     decoder = _decoder(cfg, sizes[0][0])
     settings: list[tuple[int, int, float]] = [(sizes[0][0], sizes[0][1], r) for r in mask_ratios]
@@ -452,7 +858,8 @@ def scaling_cases(
     cases: list[Case] = []
     for img, patch, ratio in settings:
         torch.manual_seed(cfg.seed)
-        mae, _, _ = _mae(cfg, env, ratio, {**cfg.overrides, "img_size": img, "patch_size": patch}, decoder)
+        mae, _, _ = _mae(cfg, ratio, {**cfg.overrides, "img_size": img, "patch_size": patch}, decoder)
+        mae = mae.to(env.device)
         images, _ = _batch(env, batch_size, img, 1, cfg.seed)
         batch = {"pixel_values": images}
         tag = f"{img}px/p{patch}/mask{ratio:g}"
@@ -460,9 +867,11 @@ def scaling_cases(
             "model": cfg.model, "img_size": img, "patch_size": patch, "mask_ratio": ratio, "batch_size": batch_size,
             "patches": mae.num_patches, "visible": mae.num_keep, **decoder,
         }
-        step_case = _train_case(
-            f"scaling/step/{tag}", "scaling", "ours", mae, lambda m=mae, b=batch: m(b)["loss"],
-            _our_optimizer(mae, cfg, env), env, batch_size, info,
+        trainer = engine_trainer(mae, batch, env, cfg)
+        lin = linear_path(mae, env)
+        step_case = Case(
+            f"scaling/step/{tag}", "scaling", "ours", lambda t=trainer, b=batch: t._train_batch(b), batch_size,
+            info=info, track=(trainer.unwrapped, trainer.optimizer.optimizer), linear=lin,
         )
 
         def encoder_step(m: nn.Module = mae, x: torch.Tensor = images) -> None:
@@ -471,5 +880,5 @@ def scaling_cases(
             latent.float().square().mean().backward()
             m.zero_grad(set_to_none=True)
 
-        cases += [step_case, Case(f"scaling/encoder/{tag}", "scaling", "encoder", encoder_step, batch_size, info=info)]
+        cases += [step_case, Case(f"scaling/encoder/{tag}", "scaling", "encoder", encoder_step, batch_size, info=info, linear=lin)]
     return cases

@@ -609,22 +609,29 @@ class Trainer:
 
     def _train_epoch(self) -> bool:
         """One pass over (what is left of) the epoch's data; True when the run must stop before its end."""
-        acc, pos = self.accelerator, self.pos
+        pos = self.pos
         for batch in self._epoch_loader():
-            if self._micro_batches == 0:
-                self._hook("on_step_start")
-            with acc.accumulate(self.model):
-                out = self.model(batch)
-                acc.backward(out["loss"])
-                self._count_batch(out)
-                if acc.sync_gradients:
-                    self._optimizer_step()
-            if acc.sync_gradients:
-                pos.step += 1
+            if self._train_batch(batch):
                 self._after_step()
                 if pos.step >= self.total_steps or self._time_is_up:
                     return True
         return False
+
+    def _train_batch(self, batch: dict[str, Any]) -> bool:
+        """One micro-batch: forward, backward and, when it completes an accumulation, the optimizer step
+        (then `pos.step` + 1 and True). tools/benchmark.py times this as "ours"."""
+        acc = self.accelerator
+        if self._micro_batches == 0:
+            self._hook("on_step_start")
+        with acc.accumulate(self.model):
+            out = self.model(batch)
+            acc.backward(out["loss"])
+            self._count_batch(out)
+            if acc.sync_gradients:
+                self._optimizer_step()
+        if acc.sync_gradients:
+            self.pos.step += 1
+        return acc.sync_gradients
 
     def _count_batch(self, out: dict[str, Any]) -> None:
         """A micro-batch done: its metrics, the images seen, the place in the data."""

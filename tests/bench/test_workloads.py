@@ -1,56 +1,97 @@
-"""The benchmarked steps build and run on tiny configs: ours and the references of the same size."""
+"""The benchmarked steps on tiny configs: ours and each reference compute the same loss from the same weights,
+ours is the engine's own training step, both sides use the same AdamW implementation, and the linear-path
+twins are the same models on the other path."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ssl_vit.bench import BenchEnv, WorkloadConfig
+from ssl_vit.bench import BenchEnv, WorkloadConfig, loss_checks
 from ssl_vit.bench.workloads import (
     backbone_cases,
     deit_cases,
+    dino_cases,
     eval_cases,
+    grad_checkpointing_cases,
     hf_mae_config,
     mae_cases,
     scaling_cases,
     supervised_cases,
 )
+from ssl_vit.engine.trainer import Trainer
+from ssl_vit.ops.linear import OneDNNLinear
 
 ENV = BenchEnv(torch.device("cpu"))
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
+BUILDERS = {
+    "backbone": backbone_cases, "supervised": supervised_cases, "mae": mae_cases, "deit": deit_cases,
+    "dino": dino_cases, "eval": eval_cases,
+}
+REFERENCE = {"backbone": "timm", "supervised": "timm", "mae": "hf", "deit": "timm", "dino": "lightly", "eval": "timm"}
 
 
 def _cfg(**kw) -> WorkloadConfig:
     base = dict(model="vit_nano_patch4_32", batch_size=4, eval_batch_size=4, overrides=dict(TINY, img_size=16),
-                decoder_dim=16, decoder_depth=1, decoder_heads=2, teacher="resnet10t")
+                decoder_dim=16, decoder_depth=1, decoder_heads=2, teacher="resnet10t", dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16, local_crops=2)
     return WorkloadConfig(**{**base, **kw})
 
 
-def test_supervised_cases__ours_and_timm_take_a_step():
-    cases = supervised_cases(_cfg(), ENV)
-    assert [c.name for c in cases] == ["supervised/ours", "supervised/timm"]
-    assert cases[0].info["trainable_params"] == cases[1].info["trainable_params"]  # same architecture
+@pytest.mark.parametrize("group", list(BUILDERS))
+def test_cases__ours_and_the_reference_compute_the_same_loss_from_the_same_weights_then_step(group):
+    cases = BUILDERS[group](_cfg(), ENV)
+    assert [c.name for c in cases] == [f"{group}/ours", f"{group}/{REFERENCE[group]}"]
+    assert [c.role for c in cases] == ["ours", "reference"]
+    checks = loss_checks(cases, rtol=1e-5, atol=1e-6)
+    assert len(checks) == 1 and checks[0]["same"], checks
+    assert checks[0]["loss"] > 0
+    if group != "eval":  # the same trainable architecture on both sides
+        assert cases[0].info["trainable_params"] == cases[1].info["trainable_params"]
     for case in cases:
         case.step()
-        case.flops_fn()
         assert case.images == 4
 
 
-def test_backbone_cases__forward_backward_of_ours_and_timm():
-    cases = backbone_cases(_cfg(), ENV)
-    assert [c.name for c in cases] == ["backbone/ours", "backbone/timm"]
-    for case in cases:
-        case.step()
-        assert all(p.grad is None for p in case.track[0].parameters())  # gradients cleared each step
+def test_ours__is_the_engine_step_and_the_reference_uses_the_same_adamw(monkeypatch):
+    calls = []
+    real = Trainer._optimizer_step
+    monkeypatch.setattr(Trainer, "_optimizer_step", lambda self: (calls.append(self), real(self))[1])
+    ours, ref = supervised_cases(_cfg(), ENV)
+    ours.step()
+    ours.step()
+    assert len(calls) == 2 and calls[0].pos.step == 2  # lr schedule, clipping, non-finite check, step
+    ours_opt, ref_opt = ours.track[1], ref.track[1]
+    assert ours_opt.defaults["fused"] and ref_opt.defaults["fused"]  # fused AdamW on CPU, both sides
+    assert len(ours_opt.param_groups) == 2 and len(ref_opt.param_groups) == 1  # ours: no decay on norms/biases
 
 
-def test_mae_cases__hf_reference_has_our_sizes():
-    cases = mae_cases(_cfg(), ENV)
-    assert [c.name for c in cases] == ["mae/ours", "mae/hf"]
-    for case in cases:
-        case.step()
-    # The same encoder and decoder: trainable parameter counts agree up to the mask token and HF's
-    # learned-free (frozen) position embeddings, which neither counts.
-    assert cases[0].info["trainable_params"] == cases[1].info["trainable_params"]
+def test_twins_always__both_sides_on_onednn_too_with_the_same_loss(monkeypatch):
+    from ssl_vit.ops import linear
+
+    monkeypatch.setenv(linear.ENV, "auto")  # not forced off (as the suite's conftest does) ...
+    monkeypatch.setattr(linear, "_measured_choice", lambda shapes: False)  # ... and measured slower: ours plain
+    cases = supervised_cases(_cfg(twins="always"), ENV)
+    assert [(c.name, c.linear, c.variant) for c in cases] == [
+        ("supervised/ours", "plain", ""), ("supervised/ours+onednn", "onednn", "onednn"),
+        ("supervised/timm", "plain", ""), ("supervised/timm+onednn", "onednn", "onednn"),
+    ]
+    timm_onednn = cases[3].track[0]
+    assert any(type(m) is OneDNNLinear for m in timm_onednn.modules())
+    assert all(c["same"] for c in loss_checks(cases, rtol=1e-5, atol=1e-6))
+
+
+def test_twins_auto__where_ours_uses_onednn_the_reference_gets_it_and_ours_goes_without():
+    from ssl_vit.ops.linear import set_onednn_linear
+
+    set_onednn_linear(True)  # what the measurement picks on CPUs where oneDNN is faster
+    try:
+        cases = mae_cases(_cfg(), ENV)
+    finally:
+        set_onednn_linear(None)
+    assert [(c.name, c.linear) for c in cases] == [
+        ("mae/ours", "onednn"), ("mae/ours-plain", "plain"), ("mae/hf", "plain"), ("mae/hf+onednn", "onednn"),
+    ]
+    assert all(c["same"] for c in loss_checks(cases, rtol=1e-5, atol=1e-6))
 
 
 def test_hf_mae_config__mirrors_backbone_and_decoder():
@@ -63,17 +104,15 @@ def test_hf_mae_config__mirrors_backbone_and_decoder():
     assert (cfg.image_size, cfg.patch_size, cfg.mask_ratio, cfg.norm_pix_loss) == (32, 4, 0.75, True)
 
 
-def test_deit_cases__distilled_student_and_timm_reference_step():
-    cases = deit_cases(_cfg(), ENV)
-    assert [c.name for c in cases] == ["deit/ours", "deit/timm"]
-    assert cases[0].info["model"] == "deit_nano_distilled_patch4_32"
-    for case in cases:
-        case.step()
+def test_deit_cases__use_the_distilled_student():
+    assert deit_cases(_cfg(), ENV, reference=False)[0].info["model"] == "deit_nano_distilled_patch4_32"
 
 
-def test_eval_cases__run_in_inference_mode():
-    cases = eval_cases(_cfg(), ENV)
-    assert [c.name for c in cases] == ["eval/ours", "eval/timm"]
+def test_grad_checkpointing_cases__off_and_on_give_the_same_loss():
+    cases = grad_checkpointing_cases(_cfg(overrides=dict(TINY, img_size=16, depth=2)), ENV, ["supervised", "mae"])
+    assert [c.name for c in cases] == ["supervised/ours", "supervised/ours+ckpt", "mae/ours", "mae/ours+ckpt"]
+    assert [c.track[0].backbone.grad_checkpointing for c in cases] == [False, True, False, True]
+    assert all(c["same"] for c in loss_checks(cases, rtol=1e-6, atol=1e-7))
     for case in cases:
         case.step()
 
