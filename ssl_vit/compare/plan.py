@@ -131,6 +131,10 @@ class PretrainEntry:
     checkpoint: Optional[str] = None
     # False: run it (e.g. a DeiT teacher other entries refer to as ${name}) but do not evaluate it.
     evaluate: bool = True
+    # Per evaluation column, overrides for this entry's evaluations only (after the column's own), where
+    # a method's paper reads its features another way, e.g. I-JEPA (no trained class token):
+    # {knn: {features.pool: avg}, linear_probe: {features.pool: avg}}. The table lists them as exceptions.
+    eval_overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -216,6 +220,17 @@ def plan_from_dict(data: dict, source: str = "plan") -> ComparePlan:
     plan.evaluations = [_eval_entry(e, f"{source}: evaluations[{i}]") for i, e in enumerate(plan.evaluations)]
     _check_names([e.name for e in plan.pretrain], "pretrain", source)
     _check_names([e.name or e.protocol for e in plan.evaluations], "evaluations", source)
+    columns = [e.name or e.protocol for e in plan.evaluations]  # type: ignore[union-attr]
+    for e in plan.pretrain:
+        for column, overrides in e.eval_overrides.items():  # type: ignore[union-attr]
+            where = f"{source}: pretrain entry '{e.name}'.eval_overrides"  # type: ignore[union-attr]
+            if column not in columns:
+                raise ConfigError(f"{where}: '{column}' is not an evaluation column; the plan's are "
+                                  f"{', '.join(columns)}.")
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{where}.{column} must be a mapping of keys to values, e.g. "
+                                  f"{{features.pool: avg}}; got {overrides!r}.")
+            _check_overrides(overrides, f"{where}.{column}")
     _check_budget(plan.budget, source)
     _check_launcher(plan.launcher, source)
     for key in ("shared", "pretrain_shared"):
@@ -582,6 +597,7 @@ def _pretrain_run(
             id=f"pretrain/{entry.name}", kind="checkpoint", method=entry.name, column=None, protocol=None,
             output_dir=dirs[entry.name], script=None, args=[], depends=[], checkpoint=path,
             fingerprint=_fingerprint(None, None, [path], []), evaluate=entry.evaluate, label=entry.name,
+            exceptions=_eval_exceptions(entry),
         )
     recipe = entry.recipe or "pretrain"
     script = _find_recipe(recipe, where)
@@ -601,7 +617,7 @@ def _pretrain_run(
             f"{where}.overrides: {', '.join(clash)} is set by the plan's budget ({plan.budget.kind}) so that "
             f"every method gets the same; remove it from the entry (or change the budget)."
         )
-    exceptions = sorted(k for k in own if k in pre_shared and own[k] != pre_shared[k])
+    exceptions = sorted(k for k in own if k in pre_shared and own[k] != pre_shared[k]) + _eval_exceptions(entry)
     # resume=auto: a run cut short (crash, timeout) continues from checkpoint-last when rerun.
     resume = {"train.resume": "auto"} if _schema_for(script) is not None else {}
     overrides = {**resume, **merged, **budget_keys, "output_dir": str(dirs[entry.name])}
@@ -638,7 +654,8 @@ def _eval_runs(
                 continue
             where = f"evaluations[{j}] ('{column}') of '{entry.name}'"
             refs: set[str] = set()
-            own = {k: _substitute(v, dirs, where, refs) for k, v in flatten_overrides(ev.overrides).items()}
+            mine = {**flatten_overrides(ev.overrides), **flatten_overrides(entry.eval_overrides.get(column, {}))}
+            own = {k: _substitute(v, dirs, where, refs) for k, v in mine.items()}
             eval_seeds = list(ev.seeds or plan.seeds)
             # With 2+ pretraining seeds a random init gets as many init seeds (with one, it is the plan's).
             inits = pre.checkpoint == "random" and len(plan.pretrain_seeds or []) > 1
@@ -660,6 +677,12 @@ def _eval_runs(
                 fingerprint=_fingerprint(script, config, args, [pretrain_runs[d].fingerprint for d in depends]),
             ))
     return eval_runs
+
+
+def _eval_exceptions(entry: PretrainEntry) -> list[str]:
+    """An entry's own evaluation settings, as the table names them: '<column>: <key>'."""
+    return [f"{column}: {key}" for column, overrides in entry.eval_overrides.items()
+            for key in flatten_overrides(overrides)]
 
 
 def _check_cycle(run: Run, runs: dict[str, Run], seen: tuple[str, ...] = ()) -> None:

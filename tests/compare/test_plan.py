@@ -117,6 +117,27 @@ def test_shared_settings__reach_every_run_and_entry_exceptions_are_recorded(tmp_
     assert "checkpoint=random" in runs["eval/random/knn"].args
 
 
+def test_eval_overrides__reach_only_that_entrys_evaluations_of_that_column_and_are_listed(tmp_path: Path):
+    plan = plan_from_dict(_plan(
+        pretrain=[{"name": "ijepa", "recipe": "ijepa_pretrain",
+                   "eval_overrides": {"knn": {"features.pool": "avg"}}},
+                  {"name": "random", "checkpoint": "random"}],
+        evaluations=[{"protocol": "knn", "overrides": {"features": {"batch_size": 64}}}, {"protocol": "linear_probe"}],
+    ))
+    runs = {r.id: r for r in resolve_runs(plan, tmp_path)}
+    assert {"features.pool=avg", "features.batch_size=64"} <= set(runs["eval/ijepa/knn"].args)
+    assert not any(a.startswith("features.pool") for a in runs["eval/ijepa/linear_probe"].args)
+    assert not any(a.startswith("features.pool") for a in runs["eval/random/knn"].args)
+    assert runs["pretrain/ijepa"].exceptions == ["knn: features.pool"]
+
+
+def test_eval_overrides__of_an_unknown_column_or_key_are_errors(tmp_path: Path):
+    entry = {"name": "random", "checkpoint": "random", "eval_overrides": {"knnn": {"features.pool": "avg"}}}
+    assert "'knnn' is not an evaluation column; the plan's are knn" in _error(_plan(pretrain=[entry]))
+    entry["eval_overrides"] = {"knn": {"features.pol": "avg"}}
+    assert "features.pol" in _error(_plan(pretrain=[entry]), tmp_path)
+
+
 def test_recipe_default_config__is_passed_explicitly(tmp_path: Path):
     runs = resolve_runs(plan_from_dict(_plan(pretrain=[{"name": "mae", "recipe": "mae_pretrain"}])), tmp_path)
     args = runs[0].args
