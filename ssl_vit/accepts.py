@@ -7,6 +7,10 @@
 data, model or output folder is touched), raises `ConfigError` naming the key, the value, what is
 accepted and the fix, and `--help` shows the rule beside each default. Choices are `Literal` types.
 `None` is accepted wherever the field's type is Optional (it means "off" or "automatic").
+Fixed-length lists (tuple fields) name a rule per item:
+
+    crop_scale: tuple[float, float] = setting((0.4, 1.0), span(Range(0, 1, low_open=True)), "crop area")
+    jitter: tuple[float, float] = setting((0.4, 0.1), items(non_negative(), between(0, 0.5)), "strength, hue")
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
-__all__ = ["Each", "Range", "at_least", "between", "each", "non_negative", "positive", "probability", "rule_of", "setting"]
+__all__ = [
+    "Each", "Items", "Range", "at_least", "between", "each", "items", "non_negative", "positive", "probability", "rule_of",
+    "setting", "span",
+]
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,36 @@ class Each:
         return [[v] for v in self.rule.outside(integer)]
 
 
+@dataclass(frozen=True)
+class Items:
+    """A list (or tuple) of exactly len(rules) numbers, the i-th within rules[i]; `ordered`: each <= the next."""
+
+    rules: tuple[Range, ...]
+    ordered: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if not isinstance(value, (list, tuple)) or len(value) != len(self.rules):
+            return False
+        if not all(rule.accepts(v) for rule, v in zip(self.rules, value)):
+            return False
+        return not self.ordered or all(a <= b for a, b in pairwise(value))
+
+    def describe(self, integer: bool) -> str:
+        n = len(self.rules)
+        if len(set(self.rules)) == 1:
+            each_item = self.rules[0].describe(integer).replace("an integer", "integers").replace("a number", "numbers")
+            text = f"a list of {n} {each_item}"
+        else:
+            text = f"a list of {n}: " + ", ".join(rule.describe(integer) for rule in self.rules)
+        if self.ordered:
+            text += ", low <= high" if n == 2 else ", each <= the next"
+        return text
+
+    def outside(self, integer: bool) -> list[Any]:
+        """Lists this rule refuses (for tests): every item just past one item rule's bound."""
+        return [[v] * len(self.rules) for rule in dict.fromkeys(self.rules) for v in rule.outside(integer)]
+
+
 def at_least(low: float) -> Range:
     return Range(low=low)
 
@@ -95,7 +133,17 @@ def each(rule: Range) -> Each:
     return Each(rule)
 
 
-def setting(default: Any, rule: Range | Each, meaning: str = "") -> Any:
+def items(*rules: Range) -> Items:
+    """A fixed-length list, one rule per item: items(non_negative(), between(0, 0.5))."""
+    return Items(tuple(rules))
+
+
+def span(rule: Range) -> Items:
+    """[low, high], both within `rule`, low <= high (a range of scales or of aspect ratios)."""
+    return Items((rule, rule), ordered=True)
+
+
+def setting(default: Any, rule: Range | Each | Items, meaning: str = "") -> Any:
     """A dataclass field with `default` that accepts what `rule` allows; `meaning` goes into errors and --help."""
     metadata = {"accepts": rule, "meaning": meaning}
     if isinstance(default, (list, dict)):
@@ -103,6 +151,6 @@ def setting(default: Any, rule: Range | Each, meaning: str = "") -> Any:
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def rule_of(field: dataclasses.Field) -> tuple[Range | Each | None, str]:
+def rule_of(field: dataclasses.Field) -> tuple[Range | Each | Items | None, str]:
     """(rule, meaning) declared on a dataclass field, or (None, "")."""
     return field.metadata.get("accepts"), field.metadata.get("meaning", "")

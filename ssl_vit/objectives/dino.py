@@ -24,6 +24,7 @@ from timm.layers import trunc_normal_
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision import transforms as T
 
+from ssl_vit.accepts import Range, at_least, items, non_negative, positive, probability, setting, span
 from ssl_vit.objectives import register_objective
 from ssl_vit.ops.linear import use_onednn_linears
 from ssl_vit.viz.attention import attention_grid
@@ -41,35 +42,44 @@ __all__ = [
 ]
 
 
+# An area fraction of the image: (0, 1]. Colour jitter strengths: >= 0 each, the hue at most 0.5.
+_AREA = Range(0, 1, low_open=True)
+_COLOR_JITTER = items(non_negative(), non_negative(), non_negative(), Range(0, 0.5))
+
+
 @dataclass
 class DINOConfig:
     """`dino.*`: main_dino.py's defaults (../shared/PROTOCOLS.md); epochs may be fractional."""
 
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
+    out_dim: int = setting(65536, at_least(1), "the head's output (prototype) dimension")
+    hidden_dim: int = setting(2048, at_least(1), "the head's hidden width")
+    bottleneck_dim: int = setting(256, at_least(1), "the head's bottleneck width")
     # Weight-normalised last layer with its norm fixed at 1 (the authors set False for ViT-S's best runs).
     norm_last_layer: bool = True
     # EMA momentum at the first step, cosine to 1 at the last (0.9995 suggested for batch 256).
-    momentum_teacher: float = 0.996
+    momentum_teacher: float = setting(0.996, probability(), "the teacher's EMA momentum at the first step")
     # Teacher temperature: linear from warmup_teacher_temp to teacher_temp over the warm-up epochs.
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
+    warmup_teacher_temp: float = setting(0.04, positive(), "the teacher's temperature at the start")
+    teacher_temp: float = setting(0.04, positive(), "the teacher's temperature after the warm-up")
+    warmup_teacher_temp_epochs: float = setting(0.0, non_negative(), "epochs of teacher temperature warm-up")
+    student_temp: float = setting(0.1, positive(), "the student's temperature")
+    center_momentum: float = setting(0.9, probability(), "EMA momentum of the teacher's centre")
     # The head's last layer gets no update during these first epochs.
-    freeze_last_layer_epochs: float = 1.0
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops: int = 8
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    freeze_last_layer_epochs: float = setting(1.0, non_negative(), "epochs the head's last layer stays frozen")
+    global_crops_scale: tuple[float, float] = setting((0.4, 1.0), span(_AREA), "area fraction range of global crops")
+    local_crops: int = setting(8, non_negative(), "local crops per image; 0: global crops only")
+    local_crops_scale: tuple[float, float] = setting((0.05, 0.4), span(_AREA), "area fraction range of local crops")
     # Colour jitter of every view (brightness, contrast, saturation, hue), applied with p 0.8, and the
     # probability of a grayscale view.
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    grayscale: float = 0.2
+    color_jitter: tuple[float, float, float, float] = setting(
+        (0.4, 0.4, 0.2, 0.1), _COLOR_JITTER, "colour jitter [brightness, contrast, saturation, hue], applied with p 0.8"
+    )
+    grayscale: float = setting(0.2, probability(), "probability of a grayscale view")
     # Side of the local crops in pixels; None: 3/7 of data.image_size (the paper's 96 of 224) rounded
     # to a multiple of the patch size (32 px, patch 4 -> 12; 224, patch 16 -> 96).
-    local_crop_size: Optional[int] = None
+    local_crop_size: Optional[int] = setting(
+        None, at_least(1), "side of the local crops in pixels, a multiple of the patch; null: 3/7 of data.image_size"
+    )
 
 
 # -- schedules and loss (pure) ------------------------------------------------------------------

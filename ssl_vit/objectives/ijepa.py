@@ -39,6 +39,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torchvision import transforms as T
 
+from ssl_vit.accepts import Range, at_least, positive, probability, setting, span
 from ssl_vit.engine.seeding import mix_seed
 from ssl_vit.models import sincos_pos_embed_2d
 from ssl_vit.objectives import register_objective
@@ -48,24 +49,29 @@ from ssl_vit.ops.linear import use_onednn_linears
 __all__ = ["IJEPA", "IJEPAConfig", "IJEPAPredictor", "ijepa_momentum", "ijepa_transform"]
 
 
+_AREA = Range(0, 1, low_open=True)  # an area fraction of the patch grid: (0, 1]
+
+
 @dataclass
 class IJEPAConfig:
     """`ijepa.*`: facebookresearch/ijepa configs/in1k_vith14_ep300.yaml (../shared/PROTOCOLS.md)."""
 
     # The predictor: a narrow ViT (paper: 384 wide, 12 blocks for ViT-H/14). Heads None: the encoder's.
-    predictor_dim: int = 384
-    predictor_depth: int = 12
-    predictor_heads: Optional[int] = None
+    predictor_dim: int = setting(384, at_least(4), "predictor width (a multiple of 4 and of the predictor's heads)")
+    predictor_depth: int = setting(12, at_least(1), "predictor blocks")
+    predictor_heads: Optional[int] = setting(None, at_least(1), "predictor heads; null: the encoder's")
     # Multi-block masking: target blocks (scale = area fraction, aspect = height / width) and the context block.
-    num_targets: int = 4
-    target_scale: tuple[float, float] = (0.15, 0.2)
-    target_aspect_ratio: tuple[float, float] = (0.75, 1.5)
-    context_scale: tuple[float, float] = (0.85, 1.0)
+    num_targets: int = setting(4, at_least(1), "target blocks per image")
+    target_scale: tuple[float, float] = setting((0.15, 0.2), span(_AREA), "area fraction range of a target block")
+    target_aspect_ratio: tuple[float, float] = setting(
+        (0.75, 1.5), span(positive()), "height / width range of a target block"
+    )
+    context_scale: tuple[float, float] = setting((0.85, 1.0), span(_AREA), "area fraction range of the context block")
     # Fewest context patches a sample may keep (official min_keep); lower it for small patch grids.
-    min_context: int = 10
+    min_context: int = setting(10, at_least(1), "fewest context patches a sample may keep")
     # EMA momentum of the target encoder: linear from `momentum` (first step) to `momentum_end` (last).
-    momentum: float = 0.996
-    momentum_end: float = 1.0
+    momentum: float = setting(0.996, probability(), "the target encoder's EMA momentum at the first step")
+    momentum_end: float = setting(1.0, probability(), "the EMA momentum at the last step (>= ijepa.momentum)")
 
 
 def ijepa_momentum(step: int, total_steps: int, start: float, end: float) -> float:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
+from ssl_vit.accepts import Range, at_least, items, non_negative, positive, probability, setting
 from ssl_vit.objectives import register_objective
 
 __all__ = [
@@ -42,23 +43,33 @@ __all__ = [
 ]
 
 
+# Colour jitter strengths (brightness, contrast, saturation, hue): >= 0 each, the hue at most 0.5.
+_COLOR_JITTER = items(non_negative(), non_negative(), non_negative(), Range(0, 0.5))
+
+
 @dataclass
 class MoCoV3Config:
     """`mocov3.*`: Chen, Xie, He 2021 / facebookresearch/moco-v3 ViT defaults (PROTOCOLS.md)."""
 
-    temperature: float = 0.2
+    temperature: float = setting(0.2, positive(), "the contrastive loss's temperature")
     # Momentum of the key encoder at the first step; rises to 1 along a half cosine (`--moco-m-cos`).
-    momentum: float = 0.99
+    momentum: float = setting(0.99, probability(), "the key encoder's EMA momentum at the first step")
     momentum_cosine: bool = True
-    hidden_dim: int = 4096  # of the projector's and predictor's hidden layers
-    out_dim: int = 256
+    hidden_dim: int = setting(4096, at_least(1), "hidden width of the projector and predictor")
+    out_dim: int = setting(256, at_least(1), "output dimension of the projector and predictor")
     # The paper's "random patch projection": patch_embed stays at its random init (`--stop-grad-conv1`).
     freeze_patch_embed: bool = True
     # BYOL's views: colour jitter (brightness, contrast, saturation, hue; applied with p 0.8), and the
     # asymmetric (first view, second view) Gaussian blur and solarisation probabilities.
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-    blur_prob: tuple[float, float] = (1.0, 0.1)
-    solarize_prob: tuple[float, float] = (0.0, 0.2)
+    color_jitter: tuple[float, float, float, float] = setting(
+        (0.4, 0.4, 0.2, 0.1), _COLOR_JITTER, "colour jitter [brightness, contrast, saturation, hue], applied with p 0.8"
+    )
+    blur_prob: tuple[float, float] = setting(
+        (1.0, 0.1), items(probability(), probability()), "Gaussian blur probability [first view, second view]"
+    )
+    solarize_prob: tuple[float, float] = setting(
+        (0.0, 0.2), items(probability(), probability()), "solarisation probability [first view, second view]"
+    )
 
 
 # -- processes --------------------------------------------------------------------------------

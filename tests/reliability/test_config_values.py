@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from reliability_common import TINY_MAE, load_recipe, one_paragraph
 
-from ssl_vit.accepts import Each, Range, rule_of
+from ssl_vit.accepts import Each, Items, Range, rule_of
 from ssl_vit.compare.plan import BudgetConfig, ComparePlan, EvalEntry, LauncherConfig, PretrainEntry
 from ssl_vit.config import ConfigError, PretrainConfig, load_config
 from ssl_vit.eval.config import FinetuneEvalConfig, KNNEvalConfig, LinearProbeEvalConfig
 from ssl_vit.objectives import get_objective
 
-BUILTIN_OBJECTIVES = ("mae", "supervised", "deit")
+BUILTIN_OBJECTIVES = ("mae", "supervised", "deit", "dino", "mocov3", "ijepa", "simmim")
 # (schema, the arguments that choose it): every recipe schema, each objective's groups included.
 SCHEMAS = [(PretrainConfig, [f"objective.name={name}"]) for name in BUILTIN_OBJECTIVES] + [
     (KNNEvalConfig, []), (LinearProbeEvalConfig, []), (FinetuneEvalConfig, []),
@@ -84,9 +84,17 @@ def output_dir(schema: type, out: Path) -> list[str]:
     return [f"output_dir={out}"] if "output_dir" in {f.name for f in dataclasses.fields(schema)} else []
 
 
-def outside(rule: Range | Each, integer: bool) -> st.SearchStrategy:
-    """Values the rule refuses: at or past each bound."""
-    inner = rule.rule if isinstance(rule, Each) else rule
+def outside(rule: Range | Each | Items, integer: bool) -> st.SearchStrategy:
+    """Values the rule refuses: at or past each bound (for a fixed-length list: every item past one item's rule)."""
+    if isinstance(rule, Items):
+        n = len(rule.rules)
+        return st.one_of(*(_outside(r, integer) for r in dict.fromkeys(rule.rules))).map(lambda v: [v] * n)
+    if isinstance(rule, Each):
+        return _outside(rule.rule, integer).map(lambda v: [v])
+    return _outside(rule, integer)
+
+
+def _outside(inner: Range, integer: bool) -> st.SearchStrategy:
     options = []
     if inner.low is not None:
         hi = inner.low
@@ -96,8 +104,7 @@ def outside(rule: Range | Each, integer: bool) -> st.SearchStrategy:
         lo = inner.high
         options.append(st.integers(min_value=int(lo) + (0 if inner.high_open else 1)) if integer else
                        st.floats(min_value=lo, exclude_min=not inner.high_open, allow_nan=False, allow_infinity=False))
-    values = st.one_of(*options)
-    return values.map(lambda v: [v]) if isinstance(rule, Each) else values
+    return st.one_of(*options)
 
 
 BOUNDED = [c for c in NUMERIC if rule_of(c[3])[0] is not None]
@@ -118,6 +125,20 @@ def test_values_outside_the_declared_range__are_a_config_error_naming_the_key_an
     assert not out.exists()
 
 
+@pytest.mark.parametrize("key, value", [
+    ("dino.global_crops_scale", [1.0, 0.4]),  # reversed: low > high
+    ("ijepa.target_aspect_ratio", [1.5, 0.75]),
+    ("mocov3.blur_prob", [1.0]),  # one view's value of two
+    ("dino.color_jitter", [0.4, 0.4, 0.2, 0.6]),  # hue > 0.5
+])
+def test_fixed_length_lists_out_of_order_or_of_the_wrong_length__are_a_config_error(tmp_path, key, value):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as caught:
+        load_config(PretrainConfig, [f"objective.name={key.split('.')[0]}", f"{key}={value!r}", f"output_dir={out}"])
+    assert str(caught.value).startswith(f"{key}=") and "must be" in str(caught.value), str(caught.value)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("case", CHOICES, ids=[ids(c) for c in CHOICES])
 def test_values_outside_a_choice__are_a_config_error_naming_the_key(tmp_path, case):
     schema, choose, key = case
@@ -132,6 +153,10 @@ def test_help__shows_what_each_key_accepts(capsys):
     text = capsys.readouterr().out
     assert "train.grad_accum_steps = 1  (int; an integer >= 1; the number of batches per optimizer step)" in text
     assert "mae.mask_ratio = 0.75  (float; a number in (0, 1); the fraction of patches masked)" in text
+    with pytest.raises(SystemExit):
+        load_config(PretrainConfig, ["objective.name=dino", "--help"])
+    text = capsys.readouterr().out
+    assert "dino.global_crops_scale = [0.4, 1.0]  (list of float; a list of 2 numbers in (0, 1], low <= high;" in text
 
 
 # -- combinations that cannot work, and files that are no checkpoint -------------------------------
