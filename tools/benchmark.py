@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-ALL = ("backbone", "supervised", "mae", "deit", "dino")
+ALL = ("backbone", "supervised", "mae", "deit", "dino", "mocov3", "ijepa")
 
 
 def _floats(text: str) -> list[float]:
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--dino-out-dim", type=int, default=None, help="DINO head's output dim (default: 4096 <= 64 px, else 65536)")
     g.add_argument("--local-crops", type=int, default=8, help="DINO's local views per image (default: %(default)s)")
+    g.add_argument("--predictor-dim", type=int, default=None, help="I-JEPA predictor width (default: half the backbone's)")
+    g.add_argument("--predictor-depth", type=int, default=None, help="I-JEPA predictor blocks (default: 2 <= 64 px, else 6)")
     g.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement step")
     g.add_argument("--out", default=None, help="write the report as JSON here")
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common], help="training steps vs timm / Hugging Face")
     train.add_argument(
         "--objectives", default=",".join(ALL),
-        help="comma-separated from backbone (forward + backward only), supervised, mae, deit, dino (default: all)",
+        help="comma-separated from backbone (forward + backward only), supervised, mae, deit, dino, mocov3 "
+        "(vs lightly's MoCo v3 parts), ijepa (ours only; reported as images/s next to mae) (default: all)",
     )
     sub.add_parser("eval", parents=[common], help="feature extraction vs timm inference")
     scaling = sub.add_parser("scaling", parents=[common], help="MAE step vs mask ratio and image size")
@@ -160,7 +163,8 @@ def _workload_config(args: argparse.Namespace, model: str) -> Any:
         model=model, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, num_classes=args.num_classes,
         mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         decoder_heads=args.decoder_heads, onednn_objective=args.onednn_objective, twins=args.twins,
-        dino_out_dim=args.dino_out_dim, local_crops=args.local_crops,
+        dino_out_dim=args.dino_out_dim, local_crops=args.local_crops, predictor_dim=args.predictor_dim,
+        predictor_depth=args.predictor_depth,
     )
 
 

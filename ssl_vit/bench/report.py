@@ -40,8 +40,9 @@ PEAK_TARGETS: list[tuple[str, float, str]] = [
     ("mae/ours", 0.70, "MAE step, fraction of the matmul peak"),
 ]
 TARGETS = RATIO_TARGETS  # the name earlier code imported
-# Ratios between our own steps, reported when both ran (twins on each linear path too).
-CROSS_PAIRS: list[tuple[str, str]] = [("mae/ours", "supervised/ours")]
+# Ratios between our own steps, reported when both ran (twins on each linear path too): MAE vs supervised,
+# and I-JEPA vs MAE (the same backbone and batch; each with its own masks).
+CROSS_PAIRS: list[tuple[str, str]] = [("mae/ours", "supervised/ours"), ("ijepa/ours", "mae/ours")]
 
 
 def case_rows(
@@ -106,7 +107,7 @@ def comparisons(cases: list[Case], times: dict[str, list[float]]) -> list[dict[s
 
     kind "default": each side as it runs by default (`like_for_like` when their linear paths agree);
     "like-for-like": a twin pair on the same linear path (`supervised/ours-plain` / `supervised/timm`,
-    `mae/ours` / `mae/hf+onednn`, ...); "cross": two of our own steps (MAE vs supervised images/s).
+    `mae/ours` / `mae/hf+onednn`, ...); "cross": two of our own steps (MAE vs supervised, I-JEPA vs MAE images/s).
     """
     by_name = {c.name: c for c in cases}
     groups: dict[str, list[Case]] = {}

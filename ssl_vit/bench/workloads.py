@@ -14,6 +14,10 @@ them, with the same optimizer implementation as ours (fused or foreach AdamW, wh
 - deit: our `deit` objective (hard distillation) vs timm's distilled ViT + the same loss, same teacher;
 - dino: our `dino` objective vs lightly's DINO loop (timm ViT + `DINOProjectionHead` + `DINOLoss`, a
   momentum teacher, the last layer's gradients cancelled in the first epoch), the same weights and views;
+- mocov3: our `mocov3` objective vs a MoCo v3 loop built from lightly's parts (timm ViT + `MoCoProjectionHead`
+  projector / predictor with BN, `update_momentum`, `cosine_schedule`) and the paper's Algorithm 1 loss;
+- ijepa: our `ijepa` objective alone (no comparable reference loop), for its images/s next to MAE's on the
+  same backbone and batch (the "ijepa/ours / mae/ours" cross ratio);
 - eval: feature extraction (`ssl_vit.eval.features.pool_features` in inference mode) vs timm inference.
 
 Every case can compute its loss on a fixed batch (`Case.loss`): ours and its reference give the same
@@ -59,8 +63,10 @@ __all__ = [
     "force_linears",
     "grad_checkpointing_cases",
     "hf_mae_config",
+    "ijepa_cases",
     "linear_path",
     "mae_cases",
+    "mocov3_cases",
     "scaling_cases",
     "supervised_cases",
     "train_cases",
@@ -120,6 +126,10 @@ class WorkloadConfig:
     dino_hidden_dim: int = 2048  # DINO head's MLP (the paper's)
     dino_bottleneck_dim: int = 256
     local_crops: int = 8  # DINO's local views per image (paper: 8), each default_local_crop_size
+    moco_hidden_dim: int = 4096  # MoCo v3 projector / predictor hidden width (the paper's)
+    moco_out_dim: int = 256  # MoCo v3 projector / predictor output width (the paper's)
+    predictor_dim: int | None = None  # I-JEPA predictor width; None: half the backbone's (`_predictor`)
+    predictor_depth: int | None = None  # I-JEPA predictor blocks; None: 2 for <= 64 px images, else 6
     overrides: dict[str, Any] = field(default_factory=dict)  # extra create_backbone kwargs (img_size, ...)
 
     def __post_init__(self) -> None:
@@ -145,6 +155,26 @@ def _decoder(cfg: WorkloadConfig, img_size: int) -> dict[str, int]:
         "decoder_depth": cfg.decoder_depth or (4 if small else 8),
         "decoder_heads": cfg.decoder_heads or (4 if small else 16),
     }
+
+
+def _predictor(cfg: WorkloadConfig, backbone: nn.Module, img_size: int) -> dict[str, int]:
+    """I-JEPA's predictor for the benchmark, narrow and shallow like MAE's decoder (`_decoder`).
+
+    Width: half the backbone's (the paper's ViT-H/14 predictor is 384 of 1280), rounded down to a multiple
+    of 4 (sin-cos positions) and of the backbone's heads, which the predictor keeps (the official default).
+    Depth: 2 blocks for <= 64 px images, 6 above (MAE's decoder: 4 and 8; the paper's ViT-H: 12).
+    """
+    import math
+
+    heads = backbone.blocks[0].attn.num_heads
+    unit = math.lcm(4, heads)
+    dim = cfg.predictor_dim or max(unit, backbone.embed_dim // 2 // unit * unit)
+    return {"predictor_dim": dim, "predictor_depth": cfg.predictor_depth or (2 if img_size <= 64 else 6)}
+
+
+def _random_views(env: BenchEnv, batch: int, n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """`n` random views of a batch: n x (B, 3, size, size), on the device."""
+    return [torch.randn(batch, 3, size, size, generator=gen).to(env.device) for _ in range(n)]
 
 
 def _batch(env: BenchEnv, batch: int, img_size: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,6 +406,15 @@ def _maybe_onednn(module: nn.Module, cfg: WorkloadConfig) -> nn.Module:
     return module
 
 
+def _match_trainable(ref: nn.Module, ours: nn.Module) -> nn.Module:
+    """Freeze the parameters of `ref` that are frozen (or buffers) in `ours` under the same name (fixed
+    sin-cos positions, MoCo v3's random patch projection): the same trainable set on both sides."""
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    for name, p in ref.named_parameters():
+        p.requires_grad_(name in trainable)
+    return ref
+
+
 def _timm_twin(backbone: nn.Module) -> tuple[nn.Module, str, dict[str, Any]]:
     """timm's own model of the backbone's architecture, with its weights."""
     import timm
@@ -596,11 +635,7 @@ def deit_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
 def _dino_views(env: BenchEnv, cfg: WorkloadConfig, img: int, local: int, seed: int) -> dict[str, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     b = cfg.batch_size
-
-    def views(n: int, size: int) -> list[torch.Tensor]:
-        return [torch.randn(b, 3, size, size, generator=gen).to(env.device) for _ in range(n)]
-
-    return {"global_crops": views(2, img), "local_crops": views(cfg.local_crops, local)}
+    return {"global_crops": _random_views(env, b, 2, img, gen), "local_crops": _random_views(env, b, cfg.local_crops, local, gen)}
 
 
 def dino_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
@@ -629,7 +664,6 @@ def dino_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
         "dino", ours, batch, batch, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit dino objective"}, eval_check=True
     )
     if ref is not None:
-        from lightly.models.utils import update_momentum
         from lightly.utils.scheduler import cosine_schedule
 
         views = [*batch["global_crops"], *batch["local_crops"]]
@@ -648,9 +682,7 @@ def dino_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
                 return loss_module(teacher_out, student_out, epoch=state["step"])
 
             def step() -> None:
-                momentum = cosine_schedule(state["step"], total, 0.996, 1.0)
-                update_momentum(student["backbone"], teacher["backbone"], m=momentum)
-                update_momentum(student["head"], teacher["head"], m=momentum)
+                _lightly_momentum_update(student, teacher, cosine_schedule(state["step"], total, 0.996, 1.0))
                 with env.autocast():
                     loss = outputs(criterion)
                 loss.backward()
@@ -681,6 +713,14 @@ class _Student(nn.Sequential):
 
     def __getitem__(self, key: Any) -> nn.Module:
         return getattr(self, key) if isinstance(key, str) else super().__getitem__(key)
+
+
+def _lightly_momentum_update(student: _Student, teacher: _Student, momentum: float) -> None:
+    """lightly's examples' EMA of the teacher: `update_momentum` on the backbone and on the head."""
+    from lightly.models.utils import update_momentum
+
+    update_momentum(student["backbone"], teacher["backbone"], m=momentum)
+    update_momentum(student["head"], teacher["head"], m=momentum)
 
 
 def _lightly_dino(ours: nn.Module, head: dict[str, int]) -> nn.ModuleDict:
@@ -715,12 +755,141 @@ def _lightly_student(ours: nn.Module, head: dict[str, int]) -> nn.Module:
     return _Student(backbone, projection)
 
 
+def mocov3_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
+    """Our mocov3 objective vs a MoCo v3 loop from lightly's parts on a timm ViT, the same weights and views.
+
+    lightly ships no MoCo v3 example; its parts are the paper's: `MoCoProjectionHead(batch_norm=True)` as
+    the 3-layer projector and the 2-layer predictor, a momentum teacher (a copy of backbone + projector,
+    `update_momentum` with `cosine_schedule` from 0.99 to 1), the query encoder trained by AdamW. The loss
+    is the paper's Algorithm 1, ctr(q1, k2) + ctr(q2, k1) with ctr = 2T * CE(q . k / T): lightly's
+    `NTXentLoss(memory_bank_size=0)` is SimCLR's loss (same-view negatives too, tests/objectives/
+    test_mocov3.py), not MoCo v3's. lightly's loop runs the encoders once per view, as its examples do;
+    ours runs the backbone once on both views. lightly's last BN keeps an affine (the paper's has none):
+    frozen at its init (1, 0), the same function and the same trainable parameters; the random patch
+    projection and the sin-cos positions are frozen on both sides.
+    """
+    from ssl_vit.models import create_backbone
+    from ssl_vit.objectives import build_objective
+
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.model, num_classes=0, pos_embed="sincos", **cfg.overrides)
+    img = backbone.patch_embed.img_size[0]
+    head = {"hidden_dim": cfg.moco_hidden_dim, "out_dim": cfg.moco_out_dim}
+    ours = _maybe_onednn(build_objective("mocov3", backbone, **head), cfg)
+    views = _random_views(env, cfg.batch_size, 2, img, torch.Generator().manual_seed(cfg.seed))
+    batch = {"views": views}
+    info = {"model": cfg.model, "batch_size": cfg.batch_size, "views": 2, **head}
+    ref = _lightly_mocov3(ours) if reference else None  # copies before any step
+    cases, optimizer, path = _ours_cases(
+        "mocov3", ours, batch, batch, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit mocov3 objective"}
+    )
+    if ref is not None:
+        from lightly.utils.scheduler import cosine_schedule
+
+        total, t = 10**6, ours.temperature  # as the trainer's schedule: never ends
+
+        def ctr(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # the paper's Algorithm 1
+            logits = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).T  # (B, B)
+            return F.cross_entropy(logits / t, torch.arange(q.shape[0], device=q.device)) * (2 * t)
+
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            m.to(env.device).train()  # the teacher too: its BN normalises with batch statistics (paper, lightly)
+            student, predictor, teacher = m["student"], m["predictor"], m["teacher"]
+            opt = _matching_adamw([p for p in [*student.parameters(), *predictor.parameters()] if p.requires_grad], cfg, optimizer)
+            state = {"step": 0}
+
+            def loss_fn() -> torch.Tensor:
+                q1, q2 = (predictor(student(v)) for v in views)  # (B, C) each
+                with torch.no_grad():
+                    k1, k2 = (teacher(v) for v in views)
+                return ctr(q1, k2) + ctr(q2, k1)
+
+            def step() -> None:
+                _lightly_momentum_update(student, teacher, cosine_schedule(state["step"], total, ours.base_momentum, 1.0))
+                with env.autocast():
+                    loss = loss_fn()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state["step"] += 1
+
+            return step, _no_grad_loss(loss_fn, m), (student, opt, teacher, predictor)
+
+        impl = (f"lightly MoCo v3 parts (timm ViT + MoCoProjectionHead projector / predictor, momentum teacher, "
+                f"Algorithm 1 loss, one pass per view) + AdamW ({_optimizer_impl(optimizer)})")
+        cases += _reference_cases("mocov3", "lightly", ref, make, path, env, cfg, cfg.batch_size, {**info, "impl": impl})
+    return cases
+
+
+def _lightly_mocov3(ours: nn.Module) -> nn.ModuleDict:
+    """lightly's MoCo v3 parts with our objective's weights: student (timm ViT + projector), predictor, teacher."""
+    backbone, _, _ = _timm_twin(ours.backbone)
+    student = _Student(_match_trainable(backbone, ours.backbone), _lightly_moco_head(ours.projector))
+    teacher = copy.deepcopy(student).requires_grad_(False)  # lightly's examples: a copy of the student
+    return nn.ModuleDict({"student": student, "predictor": _lightly_moco_head(ours.predictor), "teacher": teacher})
+
+
+def _lightly_moco_head(mlp: nn.Sequential) -> nn.Module:
+    """`MoCoProjectionHead(batch_norm=True)` with the weights of our MoCo v3 MLP (Linear, BN, ReLU ..., Linear, BN);
+    its last BN's affine, which ours has not, frozen at (1, 0)."""
+    from lightly.models.modules.heads import MoCoProjectionHead
+
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    head = MoCoProjectionHead(
+        linears[0].in_features, linears[0].out_features, linears[-1].out_features, num_layers=len(linears), batch_norm=True
+    )
+    last = f"{len(head.layers) - 1}"
+    missing, unexpected = head.layers.load_state_dict(mlp.state_dict(), strict=False)
+    if unexpected or set(missing) != {f"{last}.weight", f"{last}.bias"}:
+        raise RuntimeError(f"lightly's MoCo head does not match ours: missing {missing}, unexpected {unexpected}.")
+    head.layers[-1].requires_grad_(False)
+    return head
+
+
+def ijepa_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
+    """Our ijepa objective's step alone: no reference (lightly's I-JEPA is not a comparable loop).
+
+    The same backbone and batch as `mae_cases` (sin-cos positions, `cfg.batch_size` images), so the
+    report's "ijepa/ours / mae/ours" cross ratio compares the two steps' images/s. The predictor is
+    `_predictor`'s (half the backbone's width; 2 blocks for <= 64 px images, 6 above). The masks are
+    I-JEPA's own multi-block masks (paper defaults: 4 target blocks, a 0.85-1 context block less the
+    targets), fresh every step as in training; `info` records one draw's context and target patches
+    (MAE's encoder sees `(1 - mask_ratio)` of the patches; I-JEPA's context encoder the context block, its
+    target encoder every patch). `reference` is accepted and ignored.
+    """
+    from ssl_vit.models import create_backbone
+    from ssl_vit.objectives import build_objective
+    from ssl_vit.objectives.masking import multiblock_masks
+
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.model, num_classes=0, pos_embed="sincos", **cfg.overrides)
+    img = backbone.patch_embed.img_size[0]
+    predictor = _predictor(cfg, backbone, img)
+    ours = _maybe_onednn(build_objective("ijepa", backbone, **predictor), cfg)
+    images, _ = _batch(env, cfg.batch_size, img, 1, cfg.seed)
+    context_ids, target_ids = multiblock_masks(
+        cfg.batch_size, ours.grid_size, generator=torch.Generator().manual_seed(cfg.seed + 1), **ours.mask_args
+    )
+    check = {"pixel_values": images, "context_ids": context_ids, "target_ids": target_ids}  # one mask for the loss
+    info = {
+        "model": cfg.model, "batch_size": cfg.batch_size, **predictor, "patches": ours.num_patches,
+        "num_targets": target_ids.shape[1], "context_patches": context_ids.shape[1],
+        "target_patches": target_ids.shape[1] * target_ids.shape[2],
+    }
+    cases, _, _ = _ours_cases(
+        "ijepa", ours, {"pixel_values": images}, check, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit ijepa objective"}
+    )
+    return cases
+
+
 TRAIN_BUILDERS: dict[str, Callable[[WorkloadConfig, BenchEnv, bool], list[Case]]] = {
     "backbone": backbone_cases,
     "supervised": supervised_cases,
     "mae": mae_cases,
     "deit": deit_cases,
     "dino": dino_cases,
+    "mocov3": mocov3_cases,
+    "ijepa": ijepa_cases,
 }
 
 

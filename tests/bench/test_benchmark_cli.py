@@ -34,6 +34,8 @@ def test_train_help__shows_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--objectives", "--precision", "--steps", "--rounds", "--twins", "--out"):
         assert option in out
+    for objective in ("dino", "mocov3", "ijepa"):
+        assert objective in out
 
 
 def test_sizes__parse_image_and_patch():

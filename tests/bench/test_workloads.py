@@ -15,7 +15,9 @@ from ssl_vit.bench.workloads import (
     eval_cases,
     grad_checkpointing_cases,
     hf_mae_config,
+    ijepa_cases,
     mae_cases,
+    mocov3_cases,
     scaling_cases,
     supervised_cases,
 )
@@ -26,14 +28,18 @@ ENV = BenchEnv(torch.device("cpu"))
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
 BUILDERS = {
     "backbone": backbone_cases, "supervised": supervised_cases, "mae": mae_cases, "deit": deit_cases,
-    "dino": dino_cases, "eval": eval_cases,
+    "dino": dino_cases, "mocov3": mocov3_cases, "eval": eval_cases,
 }
-REFERENCE = {"backbone": "timm", "supervised": "timm", "mae": "hf", "deit": "timm", "dino": "lightly", "eval": "timm"}
+REFERENCE = {
+    "backbone": "timm", "supervised": "timm", "mae": "hf", "deit": "timm", "dino": "lightly", "mocov3": "lightly",
+    "eval": "timm",
+}
 
 
 def _cfg(**kw) -> WorkloadConfig:
     base = dict(model="vit_nano_patch4_32", batch_size=4, eval_batch_size=4, overrides=dict(TINY, img_size=16),
-                decoder_dim=16, decoder_depth=1, decoder_heads=2, teacher="resnet10t", dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16, local_crops=2)
+                decoder_dim=16, decoder_depth=1, decoder_heads=2, teacher="resnet10t", dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16, local_crops=2,
+                moco_hidden_dim=32, moco_out_dim=16)
     return WorkloadConfig(**{**base, **kw})
 
 
@@ -128,3 +134,31 @@ def test_scaling_cases__every_mask_ratio_then_every_other_size():
     assert [c.info["visible"] for c in cases[::2]] == [8, 4, 4]
     for case in cases:
         case.step()
+
+
+def test_mocov3_reference__freezes_what_ours_freezes_and_its_teacher_follows_by_momentum():
+    ours, ref = mocov3_cases(_cfg(), ENV)
+    student, _, teacher, predictor = ref.track
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert {"backbone.patch_embed.proj.weight", "backbone.pos_embed"} <= frozen  # random patch projection, sin-cos
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not predictor.layers[-1].weight.requires_grad  # lightly's last BN affine: ours has none
+    before = [p.clone() for p in teacher.parameters()]
+    ref.step()
+    ref.step()  # the second step's momentum update moves the teacher towards the stepped student
+    assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_ijepa_cases__ours_only_on_maes_backbone_and_batch_next_to_mae_in_the_report():
+    from ssl_vit.bench.report import comparisons
+
+    cfg = _cfg()
+    (ijepa,) = ijepa_cases(cfg, ENV)
+    mae = mae_cases(cfg, ENV, reference=False)[0]
+    assert (ijepa.name, ijepa.role, ijepa.images) == ("ijepa/ours", "ours", 4)
+    assert ijepa.info["predictor_dim"] == 16 and ijepa.info["predictor_depth"] == 2  # half of 32 wide, 2 blocks at 16 px
+    assert ijepa.track[0].backbone.embed_dim == mae.track[0].backbone.embed_dim
+    assert ijepa.loss() > 0
+    ijepa.step()
+    (cross,) = comparisons([ijepa, mae], {"ijepa/ours": [0.5], "mae/ours": [0.25]})
+    assert (cross["a"], cross["b"], cross["kind"], cross["ratio"]) == ("ijepa/ours", "mae/ours", "cross", 0.5)
