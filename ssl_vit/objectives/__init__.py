@@ -32,6 +32,7 @@ _BUILTIN_MODULES = {
     "dino": "ssl_vit.objectives.dino",
     "mocov3": "ssl_vit.objectives.mocov3",
     "simmim": "ssl_vit.objectives.simmim",
+    "vqkd": "ssl_vit.objectives.vqkd",
 }
 
 

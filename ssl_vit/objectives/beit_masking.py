@@ -23,7 +23,7 @@ __all__ = ["blockwise_mask", "num_block_masked"]
 
 def num_block_masked(num_patches: int, mask_ratio: float) -> int:
     """Patches masked per sample: round(N * r), at least 1 and at most N - 1 (ViT-B/16: 0.3827 -> 75 of 196)."""
-    return min(max(int(round(num_patches * mask_ratio)), 1), num_patches - 1)
+    return min(max(round(num_patches * mask_ratio), 1), num_patches - 1)
 
 
 def _try_block(
@@ -39,8 +39,8 @@ def _try_block(
     for _ in range(10):
         area = rng.uniform(min_block, budget)
         aspect = math.exp(rng.uniform(*log_aspect))
-        h = int(round(math.sqrt(area * aspect)))
-        w = int(round(math.sqrt(area / aspect)))
+        h = round(math.sqrt(area * aspect))
+        w = round(math.sqrt(area / aspect))
         if w < width and h < height:
             top = rng.randint(0, height - h)
             left = rng.randint(0, width - w)

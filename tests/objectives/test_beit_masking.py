@@ -42,8 +42,8 @@ class OfficialMaskingGenerator:
         for attempt in range(10):
             target_area = self.rng.uniform(self.min_num_patches, max_mask_patches)
             aspect_ratio = math.exp(self.rng.uniform(*self.log_aspect_ratio))
-            h = int(round(math.sqrt(target_area * aspect_ratio)))
-            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            h = round(math.sqrt(target_area * aspect_ratio))
+            w = round(math.sqrt(target_area / aspect_ratio))
             if w < self.width and h < self.height:
                 top = self.rng.randint(0, self.height - h)
                 left = self.rng.randint(0, self.width - w)
