@@ -137,7 +137,7 @@ def test_vqkd__is_registered_and_its_config_fields_declare_their_rules():
     assert (VQKDConfig().codebook_size, VQKDConfig().codebook_dim, VQKDConfig().decay) == (8192, 32, 0.99)  # the paper's
     for field in dataclasses.fields(VQKDConfig):
         rule, meaning = rule_of(field)
-        if field.type in ("Optional[str]", "bool"):
+        if field.name in ("teacher", "train_teacher", "kmeans_init"):  # paths and a switch: no numeric rule
             continue
         assert rule is not None and meaning, field.name
         assert rule.accepts(field.default), field.name
