@@ -33,6 +33,7 @@ _BUILTIN_MODULES = {
     "mocov3": "ssl_vit.objectives.mocov3",
     "simmim": "ssl_vit.objectives.simmim",
     "vqkd": "ssl_vit.objectives.vqkd",
+    "beit": "ssl_vit.objectives.beit",
 }
 
 

@@ -1,0 +1,91 @@
+"""BEiT's tokenizer, trained on the spot when missing: teacher (supervised recipe) -> VQ-KD -> BEiT.
+
+`run_tokenizer` is recipes/beit_tokenizer.py: a missing teacher is trained first (as DeiT's), then the
+VQ-KD run, then `tokenizer.safetensors` + `tokenizer.json` are written from its last checkpoint.
+`train_missing_tokenizer` is what recipes/beit_pretrain.py runs first, as `train_missing_teacher` for DeiT.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ssl_vit.config import PretrainConfig, load_config
+from ssl_vit.engine.process import process_state, say
+from ssl_vit.engine.run import run_pretrain
+from ssl_vit.engine.teacher import _TEACHER_AUGMENTATION, TeacherError, _looks_like_path, has_checkpoint
+from ssl_vit.objectives.vqkd import TokenizerError, save_tokenizer, tokenizer_file
+
+__all__ = ["run_tokenizer", "train_missing_tokenizer", "train_missing_vqkd_teacher"]
+
+
+def _with_own_augmentation(sub_cfg: Any, cfg: Any) -> Any:
+    """`cfg`'s data (same images, splits, normalisation, size) with `sub_cfg`'s own augmentation keys."""
+    own = {k: getattr(sub_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
+    return dataclasses.replace(copy.deepcopy(cfg.data), **own)
+
+
+def train_missing_vqkd_teacher(cfg: Any) -> Any:
+    """Before a VQ-KD run: train its teacher with the supervised recipe when `vqkd.teacher` holds no checkpoint.
+
+    With `vqkd.train_teacher` set: an unset teacher goes to `<output_dir>/teacher`, a directory without a
+    checkpoint gets one. The teacher run takes this run's data (its own augmentation) and seed. Returns `cfg`.
+    """
+    vq = cfg.vqkd
+    if vq.train_teacher is None:
+        return cfg
+    if vq.teacher is None:
+        vq.teacher = str(Path(cfg.output_dir) / "teacher")
+    target = Path(vq.teacher)
+    if not _looks_like_path(target) or has_checkpoint(target):
+        return cfg
+    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=vq.train_teacher)
+    teacher_cfg.output_dir = str(target)
+    teacher_cfg.seed = cfg.seed
+    teacher_cfg.data = _with_own_augmentation(teacher_cfg, cfg)
+    say(f"VQ-KD teacher: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first ({vq.train_teacher})")
+    run_pretrain(teacher_cfg)
+    if not has_checkpoint(target):
+        raise TeacherError(f"the teacher run finished but wrote no backbone.safetensors/backbone.json in {target}.")
+    return cfg
+
+
+def run_tokenizer(cfg: Any) -> dict[str, Any]:
+    """Train a VQ-KD tokenizer (and its missing teacher); write tokenizer.safetensors + .json in output_dir."""
+    summary = run_pretrain(train_missing_vqkd_teacher(cfg))
+    state = process_state()
+    if state.is_main_process:
+        path = save_tokenizer(cfg.output_dir)
+        summary["tokenizer"] = str(path)
+        say(f"tokenizer written to {path}")
+    state.wait_for_everyone()
+    return summary
+
+
+def train_missing_tokenizer(cfg: Any) -> Any:
+    """Before a BEiT run: train the tokenizer with `beit.train_tokenizer` when `beit.tokenizer` holds none.
+
+    An unset `beit.tokenizer` becomes `<output_dir>/tokenizer`. The tokenizer run takes this run's data
+    (its own augmentation), seed and `beit.codebook_size`; the rest comes from its YAML. Returns `cfg`.
+    """
+    beit = cfg.beit
+    if beit.train_tokenizer is None:
+        return cfg
+    if beit.tokenizer is None:
+        beit.tokenizer = str(Path(cfg.output_dir) / "tokenizer")
+    target = Path(beit.tokenizer)
+    if tokenizer_file(target) is not None:
+        say(f"BEiT tokenizer: using {tokenizer_file(target)}")
+        return cfg
+    tok_cfg = load_config(PretrainConfig, ["objective.name=vqkd"], default_file=beit.train_tokenizer)
+    tok_cfg.output_dir = str(target)
+    tok_cfg.seed = cfg.seed
+    tok_cfg.data = _with_own_augmentation(tok_cfg, cfg)
+    tok_cfg.vqkd.codebook_size = beit.codebook_size
+    say(f"BEiT tokenizer: none in {target}; training a VQ-KD tokenizer there first ({beit.train_tokenizer})")
+    run_tokenizer(tok_cfg)
+    if tokenizer_file(target) is None:
+        raise TokenizerError(f"the tokenizer run finished but wrote no tokenizer.safetensors in {target}.")
+    return cfg
