@@ -29,6 +29,8 @@ SCHEMAS = {  # the recipe named on a config's launch line -> the schema that rec
     "mocov3_pretrain.py": PretrainConfig,
     "ijepa_pretrain.py": PretrainConfig,
     "simmim_pretrain.py": PretrainConfig,
+    "beit_pretrain.py": PretrainConfig,
+    "beit_tokenizer.py": PretrainConfig,
     "pretrain.py": PretrainConfig,
     "finetune.py": FinetuneEvalConfig,
     "linear_probe.py": LinearProbeEvalConfig,
@@ -56,6 +58,10 @@ DINO_PAPER = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision T
 DINO_MAIN = "facebookresearch/dino main_dino.py defaults and README (ViT-S/16, 100 epochs: kNN 69.3)"
 IJEPA_PAPER = "Assran et al. 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
 IJEPA_CONFIG = "facebookresearch/ijepa configs/in1k_vith14_ep300.yaml (batch 128 x 16 GPUs, lr 1e-3, wd 0.04 -> 0.4, ema 0.996 -> 1)"
+BEIT_PAPER = "Bao et al. 2021, BEiT: BERT Pre-Training of Image Transformers"
+BEIT2_PRETRAIN = "microsoft/unilm beit2/PRETRAINING.md (base)"
+BEIT2_SCRIPT = "microsoft/unilm beit2/run_beitv2_pretraining.py"
+BEIT2_TOKENIZER = "microsoft/unilm beit2/TOKENIZER.md"
 SIMMIM_PAPER = "Xie et al. 2022, SimMIM: a Simple Framework for Masked Image Modeling"
 SIMMIM_CONFIG = "microsoft/SimMIM configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml (batch 2048, base lr 1e-4 per 512, mask patch 32, ratio 0.6)"
 MOCO_PAPER = "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
@@ -276,6 +282,47 @@ PUBLISHED: dict[str, dict[str, tuple[Any, str]]] = {
         **_deit,
         "@result": (("83.4", "81.8"), DEIT_README + ": DeiT-base distilled 83.4, DeiT-base 81.8"),
     },
+    "beit_vit_base_imagenet.yaml": {
+        "objective.name": ("beit", BEIT_PAPER),
+        "model.name": ("vit_base_patch16_224", BEIT2_PRETRAIN + " --model beit_base_patch16_224_8k_vocab"),
+        "model.drop_path_rate": (0.1, BEIT2_PRETRAIN + " --drop_path 0.1"),
+        "data.image_size": (224, BEIT2_PRETRAIN),
+        "data.crop_scale_min": (0.2, BEIT2_PRETRAIN + " --min_crop_scale 0.2"),
+        "beit.codebook_size": (8192, BEIT2_PRETRAIN + " 8k_vocab"),
+        "beit.min_block_patches": (16, BEIT2_SCRIPT + " --min_mask_patches_per_block 16"),
+        "beit.min_aspect": (0.3, "beit2/masking_generator.py min_aspect=0.3"),
+        "@num_masked": (75, BEIT2_PRETRAIN + " --num_mask_patches 75"),
+        "train.epochs": (1600, BEIT2_PRETRAIN + " --epochs 1600"),
+        "optim.warmup_epochs": (10, BEIT2_PRETRAIN + " --warmup_epochs 10"),
+        "train.clip_grad": (3.0, BEIT2_PRETRAIN + " --clip_grad 3.0"),
+        "@effective_batch": (2048, BEIT2_PRETRAIN + ": 16 GPUs x --batch_size 128"),
+        "@lr": (1.5e-3, BEIT2_PRETRAIN + " --lr 1.5e-3"),
+        "optim.name": ("adamw", BEIT2_PRETRAIN),
+        "optim.betas": ((0.9, 0.999), BEIT2_PRETRAIN + " --opt_betas 0.9 0.999"),
+        "optim.eps": (1e-8, BEIT2_PRETRAIN + " --opt_eps 1e-8"),
+        "optim.weight_decay": (0.05, BEIT_PAPER + "; ../shared/PROTOCOLS.md"),
+        "@result": (("85.5", "80.1"), "BEiT v2 paper: ViT-B/16 1600 ep fine-tune 85.5, linear 80.1"),
+    },
+    "beit_tokenizer_vit_base_imagenet.yaml": {
+        "objective.name": ("vqkd", BEIT2_TOKENIZER),
+        "model.name": ("vit_base_patch16_224", BEIT2_TOKENIZER + " vqkd_encoder_base_decoder_3x768x12_clip"),
+        "vqkd.codebook_size": (8192, BEIT2_TOKENIZER + " --codebook_n_emd 8192"),
+        "vqkd.codebook_dim": (32, BEIT2_TOKENIZER + " --codebook_emd_dim 32"),
+        "vqkd.decay": (0.99, "beit2/run_vqkd_training.py --ema_decay default 0.99"),
+        "vqkd.kmeans_init": (True, BEIT2_TOKENIZER + " --quantize_kmeans_init"),
+        "vqkd.decoder_depth": (3, BEIT2_TOKENIZER + " decoder_3x768"),
+        "vqkd.beta": (1.0, "beit2/modeling_vqkd.py NormEMAVectorQuantizer(beta=1.0)"),
+        "data.crop_scale_min": (0.08, BEIT2_TOKENIZER + " --min_crop_scale 0.08"),
+        "data.interpolation": ("bicubic", BEIT2_TOKENIZER + " --train_interpolation bicubic"),
+        "train.epochs": (100, BEIT2_TOKENIZER + " --epochs 100"),
+        "optim.warmup_epochs": (10, BEIT2_TOKENIZER + " --warmup_epochs 10"),
+        "@effective_batch": (512, BEIT2_TOKENIZER + ": 8 GPUs x --batch_size 64"),
+        "@lr": (5e-5 * 512 / 128, "beit2/run_vqkd_training.py: lr 5e-5 x batch / 128"),
+        "optim.min_lr": (1e-5, "beit2/run_vqkd_training.py --min_lr default 1e-5"),
+        "optim.betas": ((0.9, 0.99), BEIT2_TOKENIZER + " --opt_betas 0.9 0.99"),
+        "optim.weight_decay": (1e-4, BEIT2_TOKENIZER + " --weight_decay 1e-4"),
+        "@result": (("97%",), BEIT2_TOKENIZER + " model zoo: 3x768 decoder, CLIP teacher, codebook usage 97%"),
+    },
 }
 
 # Published settings these configs cannot express, so not compared (kept here so the gap is written down).
@@ -339,6 +386,11 @@ def _derived(cfg, key: str, processes: int) -> Any:
             "@eval.crop": center.size[0],
             "@eval.interpolation": str(resize.interpolation).split(".")[-1].lower(),
         }[key]
+    if key == "@num_masked":
+        from ssl_vit.objectives.beit_masking import num_block_masked
+
+        side = cfg.data.image_size // 16
+        return num_block_masked(side * side, cfg.beit.mask_ratio)
     if key == "@teacher_url":
         from timm.models import get_pretrained_cfg
 
