@@ -55,12 +55,11 @@ def train_missing_vqkd_teacher(cfg: Any) -> Any:
 def run_tokenizer(cfg: Any) -> dict[str, Any]:
     """Train a VQ-KD tokenizer (and its missing teacher); write tokenizer.safetensors + .json in output_dir."""
     summary = run_pretrain(train_missing_vqkd_teacher(cfg))
-    state = process_state()
-    if state.is_main_process:
-        path = save_tokenizer(cfg.output_dir)
-        summary["tokenizer"] = str(path)
-        say(f"tokenizer written to {path}")
-    state.wait_for_everyone()
+    # Every process writes the same files (atomic renames): the run's process group is gone by now, so
+    # there is no barrier, and each process must find the tokenizer when it goes on to a BEiT run.
+    path = save_tokenizer(cfg.output_dir, writer=process_state().process_index)
+    summary["tokenizer"] = str(path)
+    say(f"tokenizer written to {path}")
     return summary
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -338,8 +339,13 @@ def tokenizer_state(objective_state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def save_tokenizer(output_dir: str | Path) -> Path:
-    """Write <output_dir>/tokenizer.safetensors + tokenizer.json from a finished VQKD run's last checkpoint."""
+def save_tokenizer(output_dir: str | Path, writer: int = 0) -> Path:
+    """Write <output_dir>/tokenizer.safetensors + tokenizer.json from a finished VQKD run's last checkpoint.
+
+    Each file goes to a temporary name (suffixed by `writer`, e.g. the process index) and is renamed into
+    place, so every process of a run may write the same content without a barrier and no reader sees half
+    a file; the JSON comes last, so `tokenizer_file` finds a tokenizer only once both are complete.
+    """
     output_dir = Path(output_dir)
     state = read_model_state(output_dir / CHECKPOINT)
     meta = json.loads((output_dir / "backbone.json").read_text())
@@ -354,8 +360,12 @@ def save_tokenizer(output_dir: str | Path) -> Path:
         "config": meta.get("config"),
     }
     path = output_dir / TOKENIZER_FILE
-    save_tensors({k: v.contiguous() for k, v in tokenizer_state(state).items()}, path)
-    (output_dir / "tokenizer.json").write_text(json.dumps(info, indent=2, default=str))
+    tmp = path.with_name(f"{path.name}.tmp{writer}")
+    save_tensors({k: v.contiguous() for k, v in tokenizer_state(state).items()}, tmp)
+    os.replace(tmp, path)
+    tmp_json = output_dir / f"tokenizer.json.tmp{writer}"
+    tmp_json.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp_json, output_dir / "tokenizer.json")
     return path
 
 
