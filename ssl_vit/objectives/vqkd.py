@@ -282,7 +282,8 @@ class VQKD(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder tokens projected to codebook space, not yet normalised: (B, N, d)."""
         tokens = self.backbone.forward_features(images)[:, self.num_prefix_tokens :]  # (B, N, D)
-        return self.encode_task_layer(tokens.float())
+        with torch.autocast(device_type=images.device.type, enabled=False):  # fp32, as the official encode()
+            return self.encode_task_layer(tokens.float())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = batch["pixel_values"]  # (B, 3, H, W)
@@ -323,8 +324,9 @@ class VQKDTokenizer(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.forward_features(images)[:, self.num_prefix_tokens :]  # (B, N, D)
-        z = l2norm(self.encode_task_layer(tokens.float()))  # (B, N, d)
-        return (z @ self.codebook.t()).argmax(dim=-1)  # (B, N)
+        with torch.autocast(device_type=images.device.type, enabled=False):  # codes picked in fp32
+            z = l2norm(self.encode_task_layer(tokens.float()))  # (B, N, d)
+            return (z @ self.codebook.float().t()).argmax(dim=-1)  # (B, N)
 
 
 def tokenizer_state(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -201,3 +201,25 @@ def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process
     for key in a:
         torch.testing.assert_close(b[key].float(), a[key].float(), rtol=1e-4, atol=1e-5, msg=key)
     assert (two / "tokenizer.safetensors").is_file() and (two / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_beit_tokenizer_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    save_backbone(create_backbone("vit_nano_patch4_32", depth=1, embed_dim=24, num_heads=2, img_size=16, num_classes=0), tmp_path / "teacher")
+    base = [*DATA, NET, *RUN, "vqkd.codebook_size=16", "vqkd.codebook_dim=8", "vqkd.decoder_depth=1",
+            "vqkd.usage_window=5", f"vqkd.teacher={tmp_path / 'teacher'}"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    proc = launch("beit_tokenizer.py", *base, f"output_dir={whole}", env=PINNED)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch("beit_tokenizer.py", *base, f"output_dir={broken}", faults="kill_forward=8", env=PINNED)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert checkpoint_step(broken) == 6 and not (broken / "tokenizer.safetensors").exists()
+    proc = launch("beit_tokenizer.py", *base, f"output_dir={broken}", env=PINNED)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert resumed_at(proc.stderr) == 6
+    # Codebook, EMA counts and the usage window (module buffers) continue bit for bit.
+    assert_same_tensors(checkpoint_state(broken), checkpoint_state(whole))
+    assert_same_tensors(load_file(str(broken / "tokenizer.safetensors")), load_file(str(whole / "tokenizer.safetensors")))
+    assert json.loads((broken / "tokenizer.json").read_text())["codebook_usage_last_window"] == json.loads(
+        (whole / "tokenizer.json").read_text())["codebook_usage_last_window"]
