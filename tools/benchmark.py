@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-ALL = ("backbone", "supervised", "mae", "deit", "dino", "mocov3", "ijepa")
+ALL = ("backbone", "supervised", "mae", "deit", "dino", "mocov3", "simmim", "ijepa")
 
 
 def _floats(text: str) -> list[float]:
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--objectives", default=",".join(ALL),
         help="comma-separated from backbone (forward + backward only), supervised, mae, deit, dino, mocov3 "
-        "(vs lightly's MoCo v3 parts), ijepa (ours only; reported as images/s next to mae) (default: all)",
+        "(vs lightly's MoCo v3 parts), simmim (vs lightly's SimMIM loop, the same masks), ijepa (ours only; reported as images/s next to mae) (default: all)",
     )
     sub.add_parser("eval", parents=[common], help="feature extraction vs timm inference")
     scaling = sub.add_parser("scaling", parents=[common], help="MAE step vs mask ratio and image size")

@@ -2,7 +2,7 @@
 # GPU readiness in one command (at most 8 minutes on one GPU), one markdown report:
 #   1. environment: the GPU, driver, torch / CUDA, the packages the checks import;
 #   2. the GPU tests: tests/engine/test_gpu.py (bf16, fp16 loss scaling, torch.compile, FSDP on one device);
-#   3. tools/benchmark.py on vit_base_patch16_224 in bf16: our supervised, MAE, DeiT, DINO and MoCo v3 steps
+#   3. tools/benchmark.py on vit_base_patch16_224 in bf16: our supervised, MAE, DeiT, DINO, MoCo v3 and SimMIM steps
 #      against timm / Hugging Face / lightly of the same size, and I-JEPA's step next to MAE's: images/s, model FLOP utilisation against the GPU's
 #      bf16 peak (measured in the run, and the datasheet's), peak memory.
 #
@@ -47,8 +47,8 @@ fi
 
 # The benchmarked objectives (tools/benchmark.py's workloads) and the objective modules they cover; any
 # other module in ssl_vit/objectives/ is listed as pending until the benchmark has a workload for it.
-BENCH_OBJECTIVES="supervised,mae,deit,dino,mocov3,ijepa"
-COVERED=" supervised mae distillation dino mocov3 ijepa __init__ base config masking "
+BENCH_OBJECTIVES="supervised,mae,deit,dino,mocov3,simmim,ijepa"
+COVERED=" supervised mae distillation dino mocov3 simmim ijepa __init__ base config masking "
 pending=()
 for f in "$ROOT"/ssl_vit/objectives/*.py; do
     name="$(basename "$f" .py)"
@@ -84,7 +84,7 @@ plan() {
         printf '  [%4d s] %s\n           %s\n' "$budget" "$name" "$cmd"
         total=$((total + budget))
     done
-    echo "  not benchmarked: $PENDING (no workload in tools/benchmark.py yet); dino and mocov3 are left out where lightly is missing"
+    echo "  not benchmarked: $PENDING (no workload in tools/benchmark.py yet); dino, mocov3 and simmim are left out where lightly is missing"
     echo "  total: ${total} s estimated (limit ${LIMIT_S} s); report: $REPORT (benchmark JSON: $BENCH_JSON)"
 }
 
@@ -101,10 +101,10 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! "$PYTHON" -c "import torch, sys;
     echo "  Run it on a machine with an NVIDIA GPU, or see what it would run: bash tools/gpu_check.sh --dry-run" >&2
     exit 2
 fi
-# lightly is the DINO and MoCo v3 reference; without it they cannot be compared, so they are left out (and said so).
+# lightly is the DINO, MoCo v3 and SimMIM reference; without it they cannot be compared, so they are left out (and said so).
 if ! "$PYTHON" -c "import lightly" 2>/dev/null; then
     BENCH_OBJECTIVES="supervised,mae,deit,ijepa"
-    SKIPPED="dino, mocov3 (lightly, their reference, is not installed: pip install lightly, or carry its wheel)"
+    SKIPPED="dino, mocov3, simmim (lightly, their reference, is not installed: pip install lightly, or carry its wheel)"
     STEPS[2]="benchmark ($MODEL, bf16, batch $BATCH: $BENCH_OBJECTIVES vs timm / Hugging Face)|270|$(bench_cmd "$BENCH_OBJECTIVES")"
 fi
 

@@ -16,6 +16,8 @@ them, with the same optimizer implementation as ours (fused or foreach AdamW, wh
   momentum teacher, the last layer's gradients cancelled in the first epoch), the same weights and views;
 - mocov3: our `mocov3` objective vs a MoCo v3 loop built from lightly's parts (timm ViT + `MoCoProjectionHead`
   projector / predictor with BN, `update_momentum`, `cosine_schedule`) and the paper's Algorithm 1 loss;
+- simmim: our `simmim` objective vs lightly's SimMIM loop (its examples' model on `MaskedVisionTransformerTIMM`
+  wrapping a timm ViT, a linear decoder, L1 on the masked patches), the same weights and masks;
 - ijepa: our `ijepa` objective alone (no comparable reference loop), for its images/s next to MAE's on the
   same backbone and batch (the "ijepa/ours / mae/ours" cross ratio);
 - eval: feature extraction (`ssl_vit.eval.features.pool_features` in inference mode) vs timm inference.
@@ -68,6 +70,7 @@ __all__ = [
     "mae_cases",
     "mocov3_cases",
     "scaling_cases",
+    "simmim_cases",
     "supervised_cases",
     "train_cases",
 ]
@@ -846,6 +849,122 @@ def _lightly_moco_head(mlp: nn.Sequential) -> nn.Module:
     return head
 
 
+def _simmim_mask_patch_size(backbone: nn.Module) -> int:
+    """The paper's mask patch, 2 ViT patches wide (32 px over 16-px patches), or 1 patch where 2 do not tile the image."""
+    img, patch = backbone.patch_embed.img_size[0], backbone.patch_embed.patch_size[0]
+    return 2 * patch if img % (2 * patch) == 0 else patch
+
+
+def simmim_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
+    """Our simmim objective vs lightly's SimMIM loop (its examples/pytorch/simmim.py on a timm ViT), the same
+    weights and masks.
+
+    Ours: the paper's masks (squares 2 patches wide where they tile the image, ratio 0.6, the objective's
+    defaults), drawn once by the objective (`make_masks`) and handed in with the batch as its data pipeline
+    does in training. lightly's loop: `MaskedVisionTransformerTIMM` (our timm twin, our mask token, lightly's
+    init skipped) encodes every token with the masked ones replaced by the mask token, the encoded masked
+    tokens alone go through `nn.Linear(dim, patch**2 * 3)` and `nn.L1Loss` compares them with
+    `patchify`'s masked patches. It is fed our mask as `idx_mask` (`_simmim_idx_mask`) instead of drawing
+    `random_token_mask` (per-patch masks at 0.75, not the paper's squares at 0.6).
+
+    Where they agree (the paper's formulation): the mask token replaces the patch embedding before the
+    position embedding on both sides (lightly's `preprocess` and ours, as microsoft/SimMIM), and lightly's
+    mean L1 over the masked pixels is the official sum / (count + 1e-5) / channels up to that epsilon.
+    Where they differ, without changing the loss: ours decodes every token (1x1 conv + pixel shuffle, the
+    official head) and weighs the pixels by the mask, lightly decodes the masked tokens only; our head's
+    weights are permuted into lightly's `patchify` order (`_lightly_simmim_decoder`). lightly's example
+    shifts `idx_mask` by 1 for the class token; the reference shifts by the backbone's prefix tokens.
+    """
+    from ssl_vit.models import create_backbone
+    from ssl_vit.objectives import build_objective
+
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.model, num_classes=0, **cfg.overrides)
+    img = backbone.patch_embed.img_size[0]
+    mask_patch_size = _simmim_mask_patch_size(backbone)
+    ours = _maybe_onednn(build_objective("simmim", backbone, mask_patch_size=mask_patch_size), cfg)
+    images, _ = _batch(env, cfg.batch_size, img, 1, cfg.seed)
+    mask = ours.make_masks(images, generator=torch.Generator().manual_seed(cfg.seed + 1))  # (B, N) bool
+    batch = {"pixel_values": images, "mask": mask}  # the masks come with the batch, as from the data pipeline
+    info = {
+        "model": cfg.model, "batch_size": cfg.batch_size, "mask_patch_size": mask_patch_size,
+        "mask_ratio": ours.mask_ratio, "patches": mask.shape[1], "masked_patches": int(mask[0].sum()),
+    }
+    ref = _lightly_simmim(ours) if reference else None  # copies before any step
+    cases, optimizer, path = _ours_cases(
+        "simmim", ours, batch, batch, env, cfg, cfg.batch_size, {**info, "impl": "ssl_vit simmim objective"}
+    )
+    if ref is not None:
+        idx_mask = _simmim_idx_mask(mask, ours.num_prefix_tokens)
+
+        def make(m: nn.Module) -> tuple[Any, Any, tuple[Any, ...]]:
+            m.to(env.device).train()
+            opt = _matching_adamw([p for p in m.parameters() if p.requires_grad], cfg, optimizer)
+            criterion = nn.L1Loss()  # lightly's example: "L1 loss as paper suggestion"
+
+            def loss_fn() -> torch.Tensor:
+                predictions, targets = m(images, idx_mask)
+                return criterion(predictions, targets)
+
+            return _optimized_step(loss_fn, opt, env), _no_grad_loss(loss_fn, m), (m, opt)
+
+        impl = (f"lightly SimMIM (MaskedVisionTransformerTIMM + linear decoder on the masked tokens, L1Loss, "
+                f"our masks) + AdamW ({_optimizer_impl(optimizer)})")
+        cases += _reference_cases("simmim", "lightly", ref, make, path, env, cfg, cfg.batch_size, {**info, "impl": impl})
+    return cases
+
+
+def _simmim_idx_mask(mask: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Our patch mask (B, N) bool -> lightly's `idx_mask` (B, K): the masked tokens' positions in the sequence
+    with the prefix tokens in front (SimMIM's masks have the same count per sample)."""
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"lightly's idx_mask needs the same number of masked patches per sample, got {counts.tolist()}.")
+    return mask.nonzero()[:, 1].view(mask.shape[0], -1) + num_prefix_tokens  # nonzero: row-major, ascending
+
+
+class _LightlySimMIM(nn.Module):
+    """lightly's examples/pytorch/simmim.py model on `MaskedVisionTransformerTIMM`, given `idx_mask` rather
+    than drawing it: returns (the decoded masked tokens, their patches), both (B, K, patch**2 * 3)."""
+
+    def __init__(self, backbone: nn.Module, decoder: nn.Linear, patch_size: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.backbone, self.decoder = backbone, decoder
+        self.patch_size, self.num_prefix_tokens = patch_size, num_prefix_tokens
+
+    def forward(self, images: torch.Tensor, idx_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from lightly.models import utils
+
+        x_encoded = self.backbone.encode(images=images, idx_mask=idx_mask)  # every token, masked ones replaced
+        x_out = self.decoder(utils.get_at_index(x_encoded, idx_mask))
+        patches = utils.patchify(images, self.patch_size)
+        return x_out, utils.get_at_index(patches, idx_mask - self.num_prefix_tokens)
+
+
+def _lightly_simmim(ours: nn.Module) -> _LightlySimMIM:
+    """lightly's SimMIM model with our objective's weights: our timm twin, mask token and (permuted) head."""
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+
+    vit, _, _ = _timm_twin(ours.backbone)
+    encoder = MaskedVisionTransformerTIMM(
+        vit=_match_trainable(vit, ours.backbone), mask_token=nn.Parameter(ours.mask_token.detach().clone()),
+        weight_initialization="skip", pos_embed_initialization="skip",  # keep our weights and positions
+    )
+    return _LightlySimMIM(encoder, _lightly_simmim_decoder(ours), ours.patch_size, ours.num_prefix_tokens)
+
+
+def _lightly_simmim_decoder(ours: nn.Module) -> nn.Linear:
+    """Our head (1x1 conv to C * p * p channels, pixel shuffle: channel c*p*p + i*p + j is pixel (c, i, j)) as
+    lightly's `nn.Linear(dim, p**2 * C)` in `patchify`'s order ((i * p + j) * C + c)."""
+    conv = ours.decoder[0]
+    p, c, d = ours.patch_size, ours.in_chans, conv.in_channels
+    linear = nn.Linear(d, p * p * c)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.view(c, p, p, d).permute(1, 2, 0, 3).reshape(p * p * c, d))
+        linear.bias.copy_(conv.bias.view(c, p, p).permute(1, 2, 0).reshape(-1))
+    return linear
+
+
 def ijepa_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> list[Case]:
     """Our ijepa objective's step alone: no reference (lightly's I-JEPA is not a comparable loop).
 
@@ -889,6 +1008,7 @@ TRAIN_BUILDERS: dict[str, Callable[[WorkloadConfig, BenchEnv, bool], list[Case]]
     "deit": deit_cases,
     "dino": dino_cases,
     "mocov3": mocov3_cases,
+    "simmim": simmim_cases,
     "ijepa": ijepa_cases,
 }
 

@@ -34,7 +34,7 @@ def test_train_help__shows_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--objectives", "--precision", "--steps", "--rounds", "--twins", "--out"):
         assert option in out
-    for objective in ("dino", "mocov3", "ijepa"):
+    for objective in ("dino", "mocov3", "simmim", "ijepa"):
         assert objective in out
 
 

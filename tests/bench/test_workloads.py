@@ -9,6 +9,7 @@ import torch
 
 from ssl_vit.bench import BenchEnv, WorkloadConfig, loss_checks
 from ssl_vit.bench.workloads import (
+    _simmim_idx_mask,
     backbone_cases,
     deit_cases,
     dino_cases,
@@ -19,6 +20,7 @@ from ssl_vit.bench.workloads import (
     mae_cases,
     mocov3_cases,
     scaling_cases,
+    simmim_cases,
     supervised_cases,
 )
 from ssl_vit.engine.trainer import Trainer
@@ -28,11 +30,11 @@ ENV = BenchEnv(torch.device("cpu"))
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
 BUILDERS = {
     "backbone": backbone_cases, "supervised": supervised_cases, "mae": mae_cases, "deit": deit_cases,
-    "dino": dino_cases, "mocov3": mocov3_cases, "eval": eval_cases,
+    "dino": dino_cases, "mocov3": mocov3_cases, "simmim": simmim_cases, "eval": eval_cases,
 }
 REFERENCE = {
     "backbone": "timm", "supervised": "timm", "mae": "hf", "deit": "timm", "dino": "lightly", "mocov3": "lightly",
-    "eval": "timm",
+    "simmim": "lightly", "eval": "timm",
 }
 
 
@@ -147,6 +149,24 @@ def test_mocov3_reference__freezes_what_ours_freezes_and_its_teacher_follows_by_
     ref.step()
     ref.step()  # the second step's momentum update moves the teacher towards the stepped student
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_simmim_reference__is_fed_our_masks_and_predicts_our_pixels_on_them():
+    from lightly.models.utils import patchify
+
+    ours, ref = simmim_cases(_cfg(), ENV)
+    objective, lightly_model = ours.track[0], ref.track[0]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 16, 16, generator=gen)
+    mask = objective.make_masks(images, generator=gen)  # (4, 16): 3 of 4 squares of 2 x 2 patches
+    assert ours.info["mask_patch_size"] == 8 and ours.info["masked_patches"] == 12
+    idx_mask = _simmim_idx_mask(mask, objective.num_prefix_tokens)
+    assert torch.equal(torch.zeros_like(mask).scatter(1, idx_mask - 1, True), mask)  # the same patches, class token in front
+    with torch.no_grad():
+        theirs, target = lightly_model(images, idx_mask)  # (4, 12, 48): the masked patches, patchify's order
+        rec = patchify(objective.reconstruct(images, mask), 4)[mask].view(4, 12, -1)
+        assert torch.equal(target, patchify(images, 4)[mask].view(4, 12, -1))
+    torch.testing.assert_close(theirs, rec, rtol=1e-5, atol=1e-6)
 
 
 def test_ijepa_cases__ours_only_on_maes_backbone_and_batch_next_to_mae_in_the_report():

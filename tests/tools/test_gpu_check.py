@@ -40,7 +40,7 @@ def test_dry_run__lists_objective_modules_without_a_benchmark_workload_as_not_be
     out = run("--dry-run").stdout
     listed = re.search(r"not benchmarked: (.*) \(no workload", out).group(1).split()
     modules = {p.stem for p in (ROOT / "ssl_vit" / "objectives").glob("*.py")}
-    covered = {"supervised", "mae", "distillation", "dino", "mocov3", "ijepa", "__init__", "base", "config", "masking"}
+    covered = {"supervised", "mae", "distillation", "dino", "mocov3", "simmim", "ijepa", "__init__", "base", "config", "masking"}
     assert set(listed) == (modules - covered or {"none"})
 
 
