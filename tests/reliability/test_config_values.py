@@ -22,7 +22,7 @@ from ssl_vit.config import ConfigError, PretrainConfig, load_config
 from ssl_vit.eval.config import FinetuneEvalConfig, KNNEvalConfig, LinearProbeEvalConfig
 from ssl_vit.objectives import get_objective
 
-BUILTIN_OBJECTIVES = ("mae", "supervised", "deit", "dino", "mocov3", "ijepa", "simmim")
+BUILTIN_OBJECTIVES = ("mae", "supervised", "deit", "dino", "mocov3", "ijepa", "simmim", "beit", "vqkd")
 # (schema, the arguments that choose it): every recipe schema, each objective's groups included.
 SCHEMAS = [(PretrainConfig, [f"objective.name={name}"]) for name in BUILTIN_OBJECTIVES] + [
     (KNNEvalConfig, []), (LinearProbeEvalConfig, []), (FinetuneEvalConfig, []),
