@@ -573,6 +573,11 @@ class Trainer:
         self._last_metrics: dict[str, float] = {}
         self._micro_batches = 0
         self._nonfinite_losses = torch.zeros((), device=acc.device)
+        # Non-finite steps since the last check, on the device (the default path syncs only at checks):
+        # (any seen, steps good before the first, the first's gradient norm bad but not its loss), and
+        # each step's (step, epoch, batch) on the host to name it.
+        self._nonfinite = torch.zeros(3, dtype=torch.long, device=acc.device)
+        self._unchecked: list[tuple[int, int, int]] = []
         self._time_is_up = False
         on_train_start = getattr(self.unwrapped, "on_train_start", None)
         if on_train_start is not None:
@@ -586,10 +591,10 @@ class Trainer:
             set_loader_epoch(loader, self.pos.epoch)
         return loader
 
-    def _nonfinite_message(self, what: str) -> str:
+    def _nonfinite_message(self, what: str, step: int, epoch: int, batch: int) -> str:
         kept = f"the last good checkpoint, {self.last_checkpoint} (step {self._last_saved_step}), is kept intact" if self.last_checkpoint else "no checkpoint was written yet"
         return (
-            f"non-finite {what} at step {self.pos.step + 1} (epoch {self.pos.epoch}, batch {self.pos.batch_in_epoch}); "
+            f"non-finite {what} at step {step} (epoch {epoch}, batch {batch}); "
             f"{kept}. Fixes: a lower optim.blr / optim.lr, longer optim.warmup_epochs, train.clip_grad=1.0, "
             f"bf16 instead of fp16, or train.skip_nonfinite=true to skip such steps."
         )
@@ -658,12 +663,27 @@ class Trainer:
         grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
         self._hook("on_before_optimizer_step")
         flags = torch.stack([self._nonfinite_losses, (~torch.isfinite(grad_norm)).float()])
-        loss_bad, norm_bad = (acc.reduce(flags, reduction="sum") > 0).tolist()
+        flags = acc.reduce(flags, reduction="sum") > 0  # (loss bad, norm bad) on any process, on the device
         fp16 = acc.mixed_precision == "fp16"
+        if not (self.tc.skip_nonfinite or fp16):
+            # The default: no host sync per step. A non-finite step is recorded on the device and raised
+            # at the next log line, checkpoint, evaluation or the end (`_raise_if_nonfinite`), before any
+            # weight after it is saved or judged.
+            self._record_nonfinite(flags)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.unwrapped)
+            self.window.keep_step(grad_norm)
+            self._end_optimizer_step()
+            return
+        # Skipping (or fp16's loss scaling) needs the answer before the step: one sync per step.
+        loss_bad, norm_bad = flags.tolist()
         # fp16: an infinite gradient is the loss scaler's business (it skips and rescales).
         if loss_bad or (norm_bad and not fp16):
             if not self.tc.skip_nonfinite:
-                raise NonFiniteLossError(self._nonfinite_message("loss" if loss_bad else "gradient norm"))
+                raise NonFiniteLossError(self._nonfinite_message(
+                    "loss" if loss_bad else "gradient norm", self.pos.step + 1, self.pos.epoch, self.pos.batch_in_epoch))
             self.optimizer.zero_grad(set_to_none=True)
             pos.nonfinite_skipped += 1
             self.window.drop_step()
@@ -675,10 +695,36 @@ class Trainer:
             elif self.ema is not None:
                 self.ema.update(self.unwrapped)
             self.window.keep_step(None if norm_bad else grad_norm)
+        self._end_optimizer_step()
+
+    def _end_optimizer_step(self) -> None:
         with torch.no_grad():
             self._hook("on_step_end")
-        self._nonfinite_losses = torch.zeros((), device=acc.device)
+        self._nonfinite_losses = torch.zeros((), device=self.accelerator.device)
         self._micro_batches = 0
+
+    def _record_nonfinite(self, flags: torch.Tensor) -> None:
+        """Count this step into the device-side record (flags: (loss bad, norm bad) bools); no host sync."""
+        self._unchecked.append((self.pos.step + 1, self.pos.epoch, self.pos.batch_in_epoch))
+        seen, good, norm_only = self._nonfinite.unbind()
+        first = flags.any() & (seen == 0)
+        self._nonfinite = torch.stack([
+            seen | flags.any().long(),
+            good + (~flags.any() & (seen == 0)).long(),
+            torch.where(first, (flags[1] & ~flags[0]).long(), norm_only),
+        ])
+
+    def _raise_if_nonfinite(self) -> None:
+        """Name the first non-finite step since the last check, if any (one host sync; called before
+        anything is logged, saved or evaluated, so no weight after such a step is kept)."""
+        if not self._unchecked:
+            return
+        seen, good, norm_only = self._nonfinite.tolist()
+        if seen:
+            step, epoch, batch = self._unchecked[good]
+            raise NonFiniteLossError(self._nonfinite_message("gradient norm" if norm_only else "loss", step, epoch, batch))
+        self._unchecked = []
+        self._nonfinite = torch.zeros_like(self._nonfinite)
 
     def _hook(self, name: str) -> None:
         """Call the objective's optional hook `name(step, total_steps)` (see ssl_vit/objectives/base.py)."""
@@ -693,6 +739,7 @@ class Trainer:
         if tc.max_seconds is not None:
             self._time_is_up = self._time_up(self._session_start)
         if pos.step % max(1, tc.log_every) == 0 or pos.step == self.total_steps or self._time_is_up:
+            self._raise_if_nonfinite()
             self._last_metrics = self._log(self.window.metrics(self.accelerator))
             self._bar.set_postfix(
                 loss=f"{self._last_metrics.get('train/loss', float('nan')):.4g}",
@@ -700,6 +747,7 @@ class Trainer:
             )
             self.window = _MetricWindow()
         if tc.save_every and pos.step % tc.save_every == 0:
+            self._raise_if_nonfinite()
             self._account_time(self._session_start)
             self.save()
 
@@ -713,6 +761,7 @@ class Trainer:
         """The final checkpoint, evaluation and pictures; returns the run's summary."""
         acc, pos = self.accelerator, self.pos
         self._bar.close()
+        self._raise_if_nonfinite()
         self._account_time(self._session_start)
         if (pos.step, pos.epoch, pos.batch_in_epoch) != self._last_saved_pos:
             self.save()  # the final state (also when the last step's save came before the epoch ended)
@@ -756,6 +805,7 @@ class Trainer:
 
     def _epoch_end(self) -> None:
         epoch = self.pos.epoch  # epochs completed
+        self._raise_if_nonfinite()
         if self.tc.eval_every and epoch % self.tc.eval_every == 0 and epoch < self.tc.epochs:
             result = self.evaluate()
             if result is not None:

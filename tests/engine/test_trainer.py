@@ -122,6 +122,17 @@ def test_nonfinite_loss__stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
 
 
+def test_nonfinite_loss__between_log_lines_is_named_at_the_next_check_and_nothing_after_it_is_saved(tmp_path):
+    # The default path keeps the check on the device (no host sync per step) and reads it at log lines,
+    # checkpoints, evaluations and the end: here the end, 11 steps after the bad one.
+    cfg = toy_config(tmp_path, save_every=4, log_every=100)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 \(epoch 0, batch 5\).*checkpoint-last \(step 4\)"):
+        Trainer(cfg, toy_objective(nan_at={5}), toy_loader()).fit()  # 8 steps an epoch, 2 epochs
+    state = json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+
+
 def test_nonfinite_loss__skipped_and_counted_when_asked(tmp_path):
     cfg = toy_config(tmp_path, skip_nonfinite=True, max_steps=6)
     summary = Trainer(cfg, toy_objective(nan_at={2, 5}), toy_loader()).fit()
