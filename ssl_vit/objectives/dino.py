@@ -360,7 +360,8 @@ class DINO(nn.Module):
         with torch.no_grad():  # collapse monitor: 0 = one-hot teacher, log K = uniform teacher
             log_p = F.log_softmax((teacher_out - self.center) / self.current_teacher_temp, dim=-1)
             entropy = -(log_p.exp() * log_p).sum(dim=-1).mean()
-        return {"loss": loss, "teacher_temp": self.current_teacher_temp, "teacher_entropy": entropy}
+        # On the loss's device, as every metric: the engine stacks them for its log line.
+        return {"loss": loss, "teacher_temp": loss.new_tensor(self.current_teacher_temp), "teacher_entropy": entropy}
 
     # -- centre ---------------------------------------------------------------------------------
 

@@ -293,11 +293,12 @@ class IJEPA(nn.Module):
         pred = self.predict(images, context_ids, target_ids)  # (T * B, Kt, D)
         loss = F.smooth_l1_loss(pred.float(), target.float())  # fp32 under autocast
         n = float(self.num_patches)
+        # Every metric on the loss's device: the engine stacks them for its log line (no CPU/GPU mix).
         return {
             "loss": loss,
             # Spread of the targets across patches and images (per feature, averaged): near 0 = collapse.
             "target_std": target.flatten(0, 1).float().std(dim=0).mean(),
-            "context_fraction": torch.tensor(context_ids.shape[1] / n),
-            "target_fraction": torch.tensor(target_ids.shape[2] / n),
-            "momentum": torch.tensor(self.momentum),
+            "context_fraction": loss.new_tensor(context_ids.shape[1] / n),
+            "target_fraction": loss.new_tensor(target_ids.shape[2] / n),
+            "momentum": loss.new_tensor(self.momentum),
         }

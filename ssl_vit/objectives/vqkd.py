@@ -156,9 +156,9 @@ class NormEMAQuantizer(nn.Module):
         z_q = z + (z_q - z).detach()  # straight-through
         return z_q, loss, ids.view(z.shape[:-1])
 
-    def usage(self) -> float:
-        """Fraction of codes used in the current window so far."""
-        return float((self.window_counts > 0).float().mean())
+    def usage(self) -> torch.Tensor:
+        """Fraction of codes used in the current window so far: a 0-dim tensor on the codebook's device."""
+        return (self.window_counts > 0).float().mean()
 
     @torch.no_grad()
     def end_step(self, window: int) -> None:
@@ -296,7 +296,7 @@ class VQKD(nn.Module):
             "loss": loss_rec + loss_commit,
             "loss_rec": loss_rec.detach(),
             "loss_commit": loss_commit.detach(),
-            "codebook_usage": torch.tensor(self.quantizer.usage()),
+            "codebook_usage": self.quantizer.usage(),  # on the loss's device, as every metric the engine stacks
         }
         if float(self.quantizer.last_window_usage) >= 0:
             out["codebook_usage_last_window"] = self.quantizer.last_window_usage.detach().clone()
