@@ -240,10 +240,10 @@ class BEiT(nn.Module):
 
     # -- the model -----------------------------------------------------------------------------
 
-    def logits(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Codebook logits of every patch, masked ones seen as the mask token: (B, N, K)."""
+    def masked_logits(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Codebook logits of the masked patches (seen as the mask token), in (sample, patch) order: (M, K)."""
         z = self.backbone.forward_features(images, mask=mask, mask_token=self.mask_token)  # (B, P + N, D)
-        return self.lm_head(z[:, self.num_prefix_tokens :])
+        return self.lm_head(z[:, self.num_prefix_tokens :][mask])  # masked positions only, as the official head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = batch["pixel_values"]  # (B, 3, H, W)
@@ -252,10 +252,11 @@ class BEiT(nn.Module):
         with torch.no_grad():
             ids = self.tokenizer(images)  # (B, N)
         if ids.shape != mask.shape:
-            raise TokenizerError(f"the tokenizer gives {tuple(ids.shape)} codes for masks of shape {tuple(mask.shape)}.")
-        z = self.backbone.forward_features(images, mask=mask, mask_token=self.mask_token)  # (B, P + N, D)
-        z = z[:, self.num_prefix_tokens :][mask]  # (M, D): masked positions only, as the official head
-        logits = self.lm_head(z).float()  # (M, K)
+            raise TokenizerError(
+                f"the tokenizer gives {tuple(ids.shape)} codes for masks of shape {tuple(mask.shape)}: it must give one "
+                f"code per patch of the backbone; train it at this run's data.image_size with the same patch size."
+            )
+        logits = self.masked_logits(images, mask).float()  # (M, K)
         targets = ids[mask]  # (M,)
         loss = F.cross_entropy(logits, targets)
         acc = (logits.detach().argmax(-1) == targets).float().mean()

@@ -121,7 +121,8 @@ def test_beit_loss__is_cross_entropy_of_the_head_on_masked_positions_only():
     model.tokenizer = FixedTokens(ids)
     out = model(b)
     with torch.no_grad():
-        logits = model.logits(b["pixel_values"], b["mask"])  # (B, N, K): every position
+        feats = model.backbone.forward_features(b["pixel_values"], mask=b["mask"], mask_token=model.mask_token)
+        logits = model.lm_head(feats[:, model.num_prefix_tokens :])  # (B, N, K): every position
     m = b["mask"]
     reference = F.cross_entropy(logits[m], ids[m])  # the official: labels = ids[bool_masked_pos]
     torch.testing.assert_close(out["loss"].detach(), reference)
