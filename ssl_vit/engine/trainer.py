@@ -92,13 +92,15 @@ def _loader_batch_size(loader: Any, default: int) -> int:
 
 
 def _scalars(out: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The objective's scalar outputs (what gets logged), detached."""
+    """The objective's scalar outputs (what gets logged), detached, on the loss's device (a Python number
+    or a CPU tensor from an objective running on a GPU is moved there, so a log line stacks them)."""
+    device = out["loss"].device
     found = {}
     for key, value in out.items():
         if torch.is_tensor(value) and value.numel() == 1:
-            found[key] = value.detach().float().reshape(())
+            found[key] = value.detach().float().reshape(()).to(device, non_blocking=True)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[key] = torch.tensor(float(value))
+            found[key] = torch.tensor(float(value), device=device)
     return found
 
 
