@@ -20,7 +20,14 @@ from ssl_vit.engine.checkpoint import load_backbone, run_backbone_file
 from ssl_vit.engine.process import say
 from ssl_vit.engine.run import run_pretrain
 
-__all__ = ["TeacherError", "has_checkpoint", "load_teacher", "train_missing_teacher"]
+__all__ = [
+    "TeacherError",
+    "has_checkpoint",
+    "load_teacher",
+    "train_missing_supervised_teacher",
+    "train_missing_teacher",
+    "with_own_augmentation",
+]
 
 
 class TeacherError(ValueError):
@@ -94,41 +101,54 @@ _TEACHER_AUGMENTATION = (
 )
 
 
-def train_missing_teacher(cfg: Any) -> Any:
-    """Before a DeiT run: train the teacher with the supervised recipe when its checkpoint is missing.
+def with_own_augmentation(sub_cfg: Any, cfg: Any) -> Any:
+    """`cfg`'s data (same images, classes, splits, normalisation, size) with `sub_cfg`'s own augmentation keys.
 
-    `cfg` is a DeiT run's config. With `distill.train_teacher` (a supervised-recipe YAML) set and
-    `distill.teacher` unset, the teacher goes to `<output_dir>/teacher`; with `distill.teacher` a
-    directory that holds no checkpoint yet, it goes there. The teacher run takes this run's `data.*`
-    (same images, classes, splits, normalisation) except the augmentation keys, and this run's `seed`;
-    the rest comes from its YAML. A timm name or an existing checkpoint is left alone.
-    Returns `cfg`, with `distill.teacher` set.
+    What a run trained on the spot for another (a teacher, a tokenizer) takes: a teacher is trained to
+    be right, the student with its method's own (often heavy) augmentation.
     """
-    distill = cfg.distill
-    if distill.type == "none" or distill.train_teacher is None:
+    own = {k: getattr(sub_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
+    return dataclasses.replace(copy.deepcopy(cfg.data), **own)
+
+
+def train_missing_supervised_teacher(cfg: Any, group: str, label: str) -> Any:
+    """Train the teacher of config group `group` (`distill`, `vqkd`) with the supervised recipe when missing.
+
+    With `<group>.train_teacher` (a supervised-recipe YAML) set and `<group>.teacher` unset, the teacher
+    goes to `<output_dir>/teacher`; with `<group>.teacher` a directory that holds no checkpoint yet, it
+    goes there. The teacher run takes this run's `data.*` except the augmentation keys, and this run's
+    `seed`; the rest comes from its YAML. A timm name or an existing checkpoint is left alone. `label`
+    names the teacher in the messages. Returns `cfg`, with `<group>.teacher` set.
+    """
+    section = getattr(cfg, group)
+    if section.train_teacher is None:
         return cfg
-    if distill.teacher is None:
-        distill.teacher = str(Path(cfg.output_dir) / "teacher")
-    target = Path(distill.teacher)
-    if not _looks_like_path(target) and timm.is_model(distill.teacher):
+    if section.teacher is None:
+        section.teacher = str(Path(cfg.output_dir) / "teacher")
+    target = Path(section.teacher)
+    if not _looks_like_path(target) and timm.is_model(section.teacher):
         return cfg  # a timm name: the objective loads it with its published weights
     if has_checkpoint(target):
-        say(f"DeiT teacher: using the checkpoint in {target}")
+        say(f"{label}: using the checkpoint in {target}")
         return cfg
-    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=distill.train_teacher)
+    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=section.train_teacher)
     teacher_cfg.output_dir = str(target)
     teacher_cfg.seed = cfg.seed
-    # The student's data with the teacher's own augmentation: a teacher is trained to be right, the
-    # student with DeiT's heavy augmentation (RandAugment, erasing, repeated aug).
-    own_augmentation = {k: getattr(teacher_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
-    teacher_cfg.data = dataclasses.replace(copy.deepcopy(cfg.data), **own_augmentation)
+    teacher_cfg.data = with_own_augmentation(teacher_cfg, cfg)
     say(
-        f"DeiT teacher: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first "
-        f"(supervised recipe, {distill.train_teacher}, on this run's data)"
+        f"{label}: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first "
+        f"(supervised recipe, {section.train_teacher}, on this run's data)"
     )
     summary = run_pretrain(teacher_cfg)
     if not has_checkpoint(target):
         raise TeacherError(f"the teacher run finished but wrote no backbone.safetensors/backbone.json in {target}.")
     accuracy = f", eval top-1 {summary['top1']:.2f}%" if "top1" in summary else ""
-    say(f"DeiT teacher ready in {target}{accuracy}; now distilling into {cfg.model.name}")
+    say(f"{label} ready in {target}{accuracy}; now training {cfg.model.name}")
     return cfg
+
+
+def train_missing_teacher(cfg: Any) -> Any:
+    """Before a DeiT run: `train_missing_supervised_teacher` of `distill` (unless `distill.type` is none)."""
+    if cfg.distill.type == "none":
+        return cfg
+    return train_missing_supervised_teacher(cfg, "distill", "DeiT teacher")

@@ -7,54 +7,21 @@ VQ-KD run, then `tokenizer.safetensors` + `tokenizer.json` are written from its 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ssl_vit.config import PretrainConfig, load_config
 from ssl_vit.engine.process import process_state, say
 from ssl_vit.engine.run import run_pretrain
-from ssl_vit.engine.teacher import _TEACHER_AUGMENTATION, TeacherError, _looks_like_path, has_checkpoint
+from ssl_vit.engine.teacher import train_missing_supervised_teacher, with_own_augmentation
 from ssl_vit.objectives.vqkd import TokenizerError, save_tokenizer, tokenizer_file
 
-__all__ = ["run_tokenizer", "train_missing_tokenizer", "train_missing_vqkd_teacher"]
-
-
-def _with_own_augmentation(sub_cfg: Any, cfg: Any) -> Any:
-    """`cfg`'s data (same images, splits, normalisation, size) with `sub_cfg`'s own augmentation keys."""
-    own = {k: getattr(sub_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
-    return dataclasses.replace(copy.deepcopy(cfg.data), **own)
-
-
-def train_missing_vqkd_teacher(cfg: Any) -> Any:
-    """Before a VQ-KD run: train its teacher with the supervised recipe when `vqkd.teacher` holds no checkpoint.
-
-    With `vqkd.train_teacher` set: an unset teacher goes to `<output_dir>/teacher`, a directory without a
-    checkpoint gets one. The teacher run takes this run's data (its own augmentation) and seed. Returns `cfg`.
-    """
-    vq = cfg.vqkd
-    if vq.train_teacher is None:
-        return cfg
-    if vq.teacher is None:
-        vq.teacher = str(Path(cfg.output_dir) / "teacher")
-    target = Path(vq.teacher)
-    if not _looks_like_path(target) or has_checkpoint(target):
-        return cfg
-    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=vq.train_teacher)
-    teacher_cfg.output_dir = str(target)
-    teacher_cfg.seed = cfg.seed
-    teacher_cfg.data = _with_own_augmentation(teacher_cfg, cfg)
-    say(f"VQ-KD teacher: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first ({vq.train_teacher})")
-    run_pretrain(teacher_cfg)
-    if not has_checkpoint(target):
-        raise TeacherError(f"the teacher run finished but wrote no backbone.safetensors/backbone.json in {target}.")
-    return cfg
+__all__ = ["run_tokenizer", "train_missing_tokenizer"]
 
 
 def run_tokenizer(cfg: Any) -> dict[str, Any]:
     """Train a VQ-KD tokenizer (and its missing teacher); write tokenizer.safetensors + .json in output_dir."""
-    summary = run_pretrain(train_missing_vqkd_teacher(cfg))
+    summary = run_pretrain(train_missing_supervised_teacher(cfg, "vqkd", "VQ-KD teacher"))
     # Every process writes the same files (atomic renames): the run's process group is gone by now, so
     # there is no barrier, and each process must find the tokenizer when it goes on to a BEiT run.
     path = save_tokenizer(cfg.output_dir, writer=process_state().process_index)
@@ -81,7 +48,7 @@ def train_missing_tokenizer(cfg: Any) -> Any:
     tok_cfg = load_config(PretrainConfig, ["objective.name=vqkd"], default_file=beit.train_tokenizer)
     tok_cfg.output_dir = str(target)
     tok_cfg.seed = cfg.seed
-    tok_cfg.data = _with_own_augmentation(tok_cfg, cfg)
+    tok_cfg.data = with_own_augmentation(tok_cfg, cfg)
     tok_cfg.vqkd.codebook_size = beit.codebook_size
     say(f"BEiT tokenizer: none in {target}; training a VQ-KD tokenizer there first ({beit.train_tokenizer})")
     run_tokenizer(tok_cfg)

@@ -18,7 +18,6 @@ has the same count, so the loss over a split batch averages to the whole batch's
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +26,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 from torchvision import transforms as T
 
 from ssl_vit.accepts import Range, at_least, between, setting
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.beit_masking import blockwise_mask, num_block_masked
+from ssl_vit.objectives.shared import beit_init_
 from ssl_vit.objectives.vqkd import TokenizerError, VQKDTokenizer, load_tokenizer
 
 __all__ = ["BEiT", "BEiTConfig", "BlockMaskedCrop"]
@@ -176,33 +175,9 @@ class BEiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """microsoft/unilm beit's pretraining init: N(0, 0.02) cut at +-0.02 for linear / conv weights, tokens
-        and positions, LayerNorms 1 / 0, biases 0; each block's attn.proj and mlp.fc2 divided by sqrt(2 * layer)."""
-
-        def cut_normal(t: torch.Tensor) -> None:
-            trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
-
-        def init_module(m: nn.Module) -> None:
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                cut_normal(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-        bb = self.backbone
-        bb.apply(init_module)
-        init_module(self.lm_head)
-        with torch.no_grad():
-            for name in ("cls_token", "pos_embed"):
-                token = getattr(bb, name, None)
-                if isinstance(token, nn.Parameter) and token.requires_grad:
-                    cut_normal(token)
-            for layer, block in enumerate(bb.blocks, start=1):
-                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-        cut_normal(self.mask_token)
+        """microsoft/unilm beit's pretraining init (`beit_init_`), the LM head's linear with the backbone's;
+        the official BEiT has no distillation token, so a distilled backbone's keeps its own init."""
+        beit_init_(self.backbone, self.mask_token, heads=[self.lm_head], tokens=("cls_token", "pos_embed"))
 
     def train(self, mode: bool = True) -> BEiT:
         """Train the encoder; the tokenizer stays frozen in eval mode."""

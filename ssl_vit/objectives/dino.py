@@ -11,7 +11,6 @@ Follows facebookresearch/dino: `main_dino.py` (DINOLoss, DataAugmentationDINO, t
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -26,6 +25,7 @@ from torchvision import transforms as T
 
 from ssl_vit.accepts import Range, at_least, items, non_negative, positive, probability, setting, span
 from ssl_vit.objectives import register_objective
+from ssl_vit.objectives.shared import copy_params_, cosine_momentum, ema_update_
 from ssl_vit.ops.linear import use_onednn_linears
 from ssl_vit.viz.attention import attention_grid
 from ssl_vit.viz.images import denormalize, image_grid
@@ -37,7 +37,6 @@ __all__ = [
     "MultiCropTransform",
     "default_local_crop_size",
     "dino_loss",
-    "teacher_momentum",
     "teacher_temperature",
 ]
 
@@ -83,11 +82,6 @@ class DINOConfig:
 
 
 # -- schedules and loss (pure) ------------------------------------------------------------------
-
-
-def teacher_momentum(step: int, total_steps: int, base: float) -> float:
-    """EMA momentum of step `step`: utils.cosine_scheduler(base, 1, ...), 1 - (1 - base)(cos(pi step / T) + 1) / 2."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
 
 
 def teacher_temperature(epoch: float, warmup_temp: float, temp: float, warmup_epochs: float) -> float:
@@ -391,8 +385,8 @@ class DINO(nn.Module):
 
     def on_step_start(self, step: int, total_steps: int) -> None:
         if step == 0:  # "teacher and student start with the same weights" (also after model.checkpoint)
-            self.teacher["backbone"].load_state_dict(self.backbone.state_dict())
-            self.teacher["head"].load_state_dict(self.head.state_dict())
+            copy_params_(self.teacher["backbone"], self.backbone, buffers=True)
+            copy_params_(self.teacher["head"], self.head, buffers=True)
         self.current_teacher_temp = teacher_temperature(step / self.steps_per_epoch, *self._temperatures())
 
     def last_layer_frozen(self, step: int) -> bool:
@@ -404,12 +398,9 @@ class DINO(nn.Module):
                 p.grad = None
 
     def on_step_end(self, step: int, total_steps: int) -> None:
-        m = teacher_momentum(step, total_steps, self.momentum_teacher)
-        student = [*self.backbone.parameters(), *self.head.parameters()]
-        teacher = list(self.teacher.parameters())
-        assert len(student) == len(teacher)
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, [p.detach() for p in student], alpha=1 - m)
+        m = cosine_momentum(step, total_steps, self.momentum_teacher)  # utils.cosine_scheduler(base, 1, ...)
+        ema_update_(self.teacher["backbone"], self.backbone, m)
+        ema_update_(self.teacher["head"], self.head, m)
         self.update_center()
 
     # -- pictures -------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from ssl_vit.engine.seeding import mix_seed
 from ssl_vit.models import sincos_pos_embed_2d
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.masking import gather_tokens, multiblock_masks
+from ssl_vit.objectives.shared import copy_params_, ema_update_
 from ssl_vit.ops.linear import use_onednn_linears
 
 __all__ = ["IJEPA", "IJEPAConfig", "IJEPAPredictor", "ijepa_momentum", "ijepa_transform"]
@@ -239,16 +240,11 @@ class IJEPA(nn.Module):
         self._step, self._micro_batch = step, 0
         self.momentum = ijepa_momentum(step, total_steps, self.momentum_start, self.momentum_end)
         if step == 0:  # the target starts as the context encoder (whatever weights a run loaded into it)
-            with torch.no_grad():
-                for t, s in zip(self.target_encoder.parameters(), self.backbone.parameters()):
-                    t.copy_(s)
+            copy_params_(self.target_encoder, self.backbone)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """target <- m * target + (1 - m) * context encoder (after the optimizer step, every process)."""
-        target = list(self.target_encoder.parameters())
-        online = [p.detach() for p in self.backbone.parameters()]
-        torch._foreach_mul_(target, self.momentum)
-        torch._foreach_add_(target, online, alpha=1.0 - self.momentum)
+        ema_update_(self.target_encoder, self.backbone, self.momentum)
 
     def export_backbone(self) -> nn.Module:
         return self.target_encoder

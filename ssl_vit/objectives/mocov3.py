@@ -30,6 +30,7 @@ from torchvision import transforms as T
 
 from ssl_vit.accepts import Range, at_least, items, non_negative, positive, probability, setting
 from ssl_vit.objectives import register_objective
+from ssl_vit.objectives.shared import copy_params_, cosine_momentum, ema_update_
 
 __all__ = [
     "GlobalBatchNorm1d",
@@ -176,13 +177,11 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, offse
 
 
 def momentum_at(step: float, total_steps: int, base: float, cosine: bool = True) -> float:
-    """The key encoder's momentum after `step` of `total_steps`: 1 - (1 - base) * (1 + cos(pi * step / total)) / 2.
+    """The key encoder's momentum after `step` of `total_steps`: `cosine_momentum`, or `base` throughout.
 
     The official `adjust_moco_momentum(epoch + i / iters_per_epoch)`, counted in optimizer steps.
     """
-    if not cosine:
-        return base
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))) * (1.0 - base)
+    return cosine_momentum(step, total_steps, base) if cosine else base
 
 
 def _init_moco_vit(backbone: nn.Module) -> None:
@@ -359,28 +358,23 @@ class MoCoV3(nn.Module):
         m = momentum_at(step + 1, total_steps, self.base_momentum, self.momentum_cosine)
         self.update_momentum_encoder(m)
 
-    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(query-encoder parameters, key-encoder parameters), in matching order: backbone, projector."""
-        pairs = [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
-        query = [p.detach() for online, _ in pairs for p in online.parameters()]
-        key = [p for _, target in pairs for p in target.parameters()]
-        return query, key
+    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(key-encoder part, query-encoder part): backbone, projector."""
+        return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
 
-    @torch.no_grad()
     def copy_to_momentum_encoder(self) -> None:
-        query, key = self._pairs()
-        torch._foreach_copy_(key, query)
+        """key params = query params (backbone and projector; the key projector keeps its BN statistics)."""
+        for key, query in self._pairs():
+            copy_params_(key, query)
 
-    @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
         """key params = m * key params + (1 - m) * query params (backbone and projector; BN statistics stay).
 
         Frozen query parameters (patch projection, fixed positions) are included, as the official code
         does: their key copies stay within rounding of them.
         """
-        query, key = self._pairs()
-        torch._foreach_mul_(key, m)
-        torch._foreach_add_(key, query, alpha=1.0 - m)
+        for key, query in self._pairs():
+            ema_update_(key, query, m)
 
     # -- the model ------------------------------------------------------------------------------
 

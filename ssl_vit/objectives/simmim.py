@@ -16,18 +16,17 @@ gets masks from torch's global random stream, which checkpoints save.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 from torchvision import transforms as T
 
 from ssl_vit.accepts import at_least, between, setting
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.masking import cell_masks
+from ssl_vit.objectives.shared import beit_init_
 from ssl_vit.viz.simmim import reconstruction_grid
 
 __all__ = ["MaskedCrop", "SimMIM", "SimMIMConfig"]
@@ -139,37 +138,10 @@ class SimMIM(nn.Module):
     # -- initialisation ------------------------------------------------------------------------
 
     def _init_weights(self) -> None:
-        """microsoft/SimMIM's encoder init (VisionTransformerForSimMIM, from BEiT).
-
-        Its `_trunc_normal_` cuts N(0, 0.02) at +-0.02 for every linear / conv weight, the class token,
-        learned positions and the mask token; LayerNorms 1 / 0, biases 0; then each block's attn.proj
-        and mlp.fc2 weights are divided by sqrt(2 * layer) (layer = 1..depth). The head keeps PyTorch's
-        default Conv2d init, as the official SimMIM module leaves it.
-        """
-
-        def cut_normal(t: torch.Tensor) -> None:
-            trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
-
-        def init_module(m: nn.Module) -> None:
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                cut_normal(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-        bb = self.backbone
-        bb.apply(init_module)
-        with torch.no_grad():
-            for name in ("cls_token", "dist_token", "pos_embed"):
-                token = getattr(bb, name, None)
-                if isinstance(token, nn.Parameter) and token.requires_grad:  # fixed sin-cos positions stay
-                    cut_normal(token)
-            for layer, block in enumerate(bb.blocks, start=1):
-                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-        cut_normal(self.mask_token)
+        """microsoft/SimMIM's encoder init (VisionTransformerForSimMIM, from BEiT): `beit_init_`, which
+        also cuts the class token, learned positions and the mask token at +-0.02. The head keeps PyTorch's
+        default Conv2d init, as the official SimMIM module leaves it."""
+        beit_init_(self.backbone, self.mask_token)
 
     # -- masks ---------------------------------------------------------------------------------
 

@@ -29,9 +29,9 @@ from ssl_vit.objectives.dino import (
     MultiCropTransform,
     default_local_crop_size,
     dino_loss,
-    teacher_momentum,
     teacher_temperature,
 )
+from ssl_vit.objectives.shared import cosine_momentum
 
 IMG, LOCAL, PATCH = 16, 8, 4
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -199,10 +199,10 @@ def official_teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_tea
 
 
 @pytest.mark.parametrize("epochs, per_epoch, base", [(100, 7, 0.996), (10, 1, 0.9995), (3, 50, 0.99)])
-def test_teacher_momentum__equals_the_official_cosine_schedule_at_every_step(epochs, per_epoch, base):
+def test_cosine_momentum__equals_the_official_cosine_schedule_at_every_step(epochs, per_epoch, base):
     official = official_cosine_scheduler(base, 1, epochs, per_epoch)
     total = epochs * per_epoch
-    ours = np.array([teacher_momentum(step, total, base) for step in range(total)])
+    ours = np.array([cosine_momentum(step, total, base) for step in range(total)])
     np.testing.assert_allclose(ours, official, rtol=0, atol=1e-12)
     assert ours[0] == pytest.approx(base) and np.all(np.diff(ours) > 0) and ours[-1] < 1.0
 
