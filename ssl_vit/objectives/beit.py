@@ -19,7 +19,6 @@ has the same count, so the loss over a split batch averages to the whole batch's
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,19 +26,17 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import transforms as T
 
 from ssl_vit.accepts import Range, at_least, between, setting
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.beit_masking import blockwise_mask, num_block_masked
-from ssl_vit.objectives.shared import beit_init_
+from ssl_vit.objectives.shared import beit_init_, masked_image_crop
 from ssl_vit.objectives.vqkd import TokenizerError, VQKDTokenizer, load_tokenizer
 
 __all__ = ["BEiT", "BEiTConfig", "BlockMaskedCrop"]
 
 # microsoft/unilm beit: RandomResizedCropAndInterpolationWithTwoPic(scale=(0.08, 1.0), ratio=(3/4, 4/3)).
 CROP_SCALE_MIN = 0.08
-CROP_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass
@@ -65,29 +62,9 @@ class BlockMaskedCrop:
     """
 
     def __init__(
-        self,
-        size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        scale_min: float,
-        interpolation: str,
-        hflip: float,
-        grid_size: tuple[int, int],
-        num_masked: int,
-        min_block: int,
-        min_aspect: float,
+        self, crop: Any, *, grid_size: tuple[int, int], num_masked: int, min_block: int, min_aspect: float
     ) -> None:
-        self.crop = T.Compose(
-            [
-                T.RandomResizedCrop(
-                    size, scale=(scale_min, 1.0), ratio=CROP_RATIO, interpolation=T.InterpolationMode(interpolation)
-                ),
-                T.RandomHorizontalFlip(hflip),
-                T.ToTensor(),
-                T.Normalize(list(mean), list(std)),
-            ]
-        )
+        self.crop = crop  # shared.masked_image_crop
         self.grid_size, self.num_masked = tuple(grid_size), num_masked
         self.min_block, self.min_aspect = min_block, min_aspect
 
@@ -191,12 +168,7 @@ class BEiT(nn.Module):
         """BEiT's crop (scale from data.crop_scale_min, paper 0.08) + flip, and a block-wise mask per image."""
         side = data_cfg.image_size // self.patch_size
         return BlockMaskedCrop(
-            data_cfg.image_size,
-            tuple(data_cfg.mean),
-            tuple(data_cfg.std),
-            scale_min=CROP_SCALE_MIN if data_cfg.crop_scale_min is None else data_cfg.crop_scale_min,
-            interpolation=data_cfg.interpolation,
-            hflip=data_cfg.hflip,
+            masked_image_crop(data_cfg, CROP_SCALE_MIN),
             grid_size=(side, side),
             num_masked=num_block_masked(side * side, self.mask_ratio),
             min_block=self.min_block,

@@ -4,18 +4,21 @@
   `copy_params_` makes it the online encoder as training starts, `ema_update_` moves it after each
   optimizer step, `cosine_momentum` is the momentum that rises from `base` to 1 along a half cosine.
 - `beit_init_`: the encoder init BEiT and SimMIM (which took it from BEiT) both use.
+- `masked_image_crop`: the one view BEiT and SimMIM mask: RandomResizedCrop (ratio 3/4-4/3) + flip + normalise.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from timm.layers import trunc_normal_
+from torch import nn
+from torchvision import transforms as T
 
-__all__ = ["beit_init_", "copy_params_", "cosine_momentum", "ema_update_"]
+__all__ = ["beit_init_", "copy_params_", "cosine_momentum", "ema_update_", "masked_image_crop"]
 
 
 # -- the EMA teacher ----------------------------------------------------------------------------
@@ -103,3 +106,20 @@ def beit_init_(
             block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
     cut_normal(mask_token)
+
+
+# -- the masked-image view ------------------------------------------------------------------------
+
+
+def masked_image_crop(data_cfg: Any, paper_scale_min: float) -> T.Compose:
+    """PIL image -> (3, S, S): RandomResizedCrop(scale_min-1, ratio 3/4-4/3) + flip + normalisation, BEiT's and
+    SimMIM's view (microsoft/unilm beit, microsoft/SimMIM data_simmim.py). `data.crop_scale_min` None: the
+    paper's `paper_scale_min`; `data.image_size`, `.interpolation`, `.hflip`, `.mean`, `.std` apply."""
+    scale_min = paper_scale_min if data_cfg.crop_scale_min is None else data_cfg.crop_scale_min
+    return T.Compose([
+        T.RandomResizedCrop(data_cfg.image_size, scale=(scale_min, 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode(data_cfg.interpolation)),
+        T.RandomHorizontalFlip(data_cfg.hflip),
+        T.ToTensor(),
+        T.Normalize(list(data_cfg.mean), list(data_cfg.std)),
+    ])

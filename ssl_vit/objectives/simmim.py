@@ -16,24 +16,23 @@ gets masks from torch's global random stream, which checkpoints save.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
-from torchvision import transforms as T
+from torch import nn
 
 from ssl_vit.accepts import at_least, between, setting
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.masking import cell_masks
-from ssl_vit.objectives.shared import beit_init_
+from ssl_vit.objectives.shared import beit_init_, masked_image_crop
 from ssl_vit.viz.simmim import reconstruction_grid
 
 __all__ = ["MaskedCrop", "SimMIM", "SimMIMConfig"]
 
 # microsoft/SimMIM data/data_simmim.py: RandomResizedCrop(scale=(0.67, 1.), ratio=(3/4, 4/3)) + flip.
 CROP_SCALE_MIN = 0.67
-CROP_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass
@@ -54,29 +53,8 @@ class MaskedCrop:
     (the loader seeds it per sample). Picklable, for loader workers.
     """
 
-    def __init__(
-        self,
-        size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        scale_min: float,
-        interpolation: str,
-        hflip: float,
-        grid_size: tuple[int, int],
-        cell: int,
-        mask_ratio: float,
-    ) -> None:
-        self.crop = T.Compose(
-            [
-                T.RandomResizedCrop(
-                    size, scale=(scale_min, 1.0), ratio=CROP_RATIO, interpolation=T.InterpolationMode(interpolation)
-                ),
-                T.RandomHorizontalFlip(hflip),
-                T.ToTensor(),
-                T.Normalize(list(mean), list(std)),
-            ]
-        )
+    def __init__(self, crop: Any, *, grid_size: tuple[int, int], cell: int, mask_ratio: float) -> None:
+        self.crop = crop  # shared.masked_image_crop
         self.grid_size, self.cell, self.mask_ratio = tuple(grid_size), cell, mask_ratio
         cell_masks(1, self.grid_size, cell, mask_ratio)  # a grid the cells cannot tile fails here, not in a worker
 
@@ -154,12 +132,7 @@ class SimMIM(nn.Module):
             )
         side = data_cfg.image_size // self.patch_size
         return MaskedCrop(
-            data_cfg.image_size,
-            tuple(data_cfg.mean),
-            tuple(data_cfg.std),
-            scale_min=CROP_SCALE_MIN if data_cfg.crop_scale_min is None else data_cfg.crop_scale_min,
-            interpolation=data_cfg.interpolation,
-            hflip=data_cfg.hflip,
+            masked_image_crop(data_cfg, CROP_SCALE_MIN),
             grid_size=(side, side),
             cell=self.cell,
             mask_ratio=self.mask_ratio,
