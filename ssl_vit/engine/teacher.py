@@ -23,10 +23,10 @@ from ssl_vit.engine.run import run_pretrain
 __all__ = [
     "TeacherError",
     "has_checkpoint",
+    "helper_run_config",
     "load_teacher",
     "train_missing_supervised_teacher",
     "train_missing_teacher",
-    "with_own_augmentation",
 ]
 
 
@@ -101,14 +101,17 @@ _TEACHER_AUGMENTATION = (
 )
 
 
-def with_own_augmentation(sub_cfg: Any, cfg: Any) -> Any:
-    """`cfg`'s data (same images, classes, splits, normalisation, size) with `sub_cfg`'s own augmentation keys.
-
-    What a run trained on the spot for another (a teacher, a tokenizer) takes: a teacher is trained to
-    be right, the student with its method's own (often heavy) augmentation.
-    """
+def helper_run_config(cfg: Any, objective: str, yaml_file: str, output_dir: Path) -> Any:
+    """The config of a run trained on the spot for `cfg`'s run (a teacher, a tokenizer): `yaml_file` read
+    for `objective`, written to `output_dir`, with `cfg`'s seed and data (same images, classes, splits,
+    normalisation, size) but its own augmentation keys: a teacher is trained to be right, the student
+    with its method's own (often heavy) augmentation."""
+    sub_cfg = load_config(PretrainConfig, [f"objective.name={objective}"], default_file=yaml_file)
+    sub_cfg.output_dir = str(output_dir)
+    sub_cfg.seed = cfg.seed
     own = {k: getattr(sub_cfg.data, k) for k in _TEACHER_AUGMENTATION if hasattr(cfg.data, k)}
-    return dataclasses.replace(copy.deepcopy(cfg.data), **own)
+    sub_cfg.data = dataclasses.replace(copy.deepcopy(cfg.data), **own)
+    return sub_cfg
 
 
 def train_missing_supervised_teacher(cfg: Any, group: str, label: str) -> Any:
@@ -131,10 +134,7 @@ def train_missing_supervised_teacher(cfg: Any, group: str, label: str) -> Any:
     if has_checkpoint(target):
         say(f"{label}: using the checkpoint in {target}")
         return cfg
-    teacher_cfg = load_config(PretrainConfig, ["objective.name=supervised"], default_file=section.train_teacher)
-    teacher_cfg.output_dir = str(target)
-    teacher_cfg.seed = cfg.seed
-    teacher_cfg.data = with_own_augmentation(teacher_cfg, cfg)
+    teacher_cfg = helper_run_config(cfg, "supervised", section.train_teacher, target)
     say(
         f"{label}: no checkpoint in {target}; training a {teacher_cfg.model.name} teacher there first "
         f"(supervised recipe, {section.train_teacher}, on this run's data)"

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ssl_vit.config import PretrainConfig, load_config
 from ssl_vit.engine.process import process_state, say
 from ssl_vit.engine.run import run_pretrain
-from ssl_vit.engine.teacher import train_missing_supervised_teacher, with_own_augmentation
+from ssl_vit.engine.teacher import helper_run_config, train_missing_supervised_teacher
 from ssl_vit.objectives.vqkd import TokenizerError, save_tokenizer, tokenizer_file
 
 __all__ = ["run_tokenizer", "train_missing_tokenizer"]
@@ -45,10 +44,7 @@ def train_missing_tokenizer(cfg: Any) -> Any:
     if tokenizer_file(target) is not None:
         say(f"BEiT tokenizer: using {tokenizer_file(target)}")
         return cfg
-    tok_cfg = load_config(PretrainConfig, ["objective.name=vqkd"], default_file=beit.train_tokenizer)
-    tok_cfg.output_dir = str(target)
-    tok_cfg.seed = cfg.seed
-    tok_cfg.data = with_own_augmentation(tok_cfg, cfg)
+    tok_cfg = helper_run_config(cfg, "vqkd", beit.train_tokenizer, target)
     tok_cfg.vqkd.codebook_size = beit.codebook_size
     say(f"BEiT tokenizer: none in {target}; training a VQ-KD tokenizer there first ({beit.train_tokenizer})")
     run_tokenizer(tok_cfg)
