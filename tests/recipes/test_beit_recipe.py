@@ -27,7 +27,7 @@ from ssl_vit.objectives.vqkd import load_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
-from reliability_common import assert_same_tensors, checkpoint_step, launch, load_recipe, resumed_at
+from reliability_common import assert_same_tensors, checkpoint_state, checkpoint_step, launch, load_recipe, resumed_at
 
 # 32 synthetic 16x16 images, batch 8 (4 steps an epoch), 3 epochs = 12 steps, a 2-block 32-wide ViT (patch 4:
 # a 4x4 grid, 6 of 16 patches masked in blocks of >= 2), 16 codes, a checkpoint every 3 steps.
@@ -138,10 +138,6 @@ def test_beit_recipe__trains_teacher_then_tokenizer_then_beit_and_exports_a_timm
 
 def beit_args(tokenizer: Path, out: Path, *extra: str) -> list[str]:
     return [*DATA, NET, *RUN, *BEIT, f"beit.tokenizer={tokenizer}", *extra, f"output_dir={out}"]
-
-
-def checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "checkpoint-last" / "model.safetensors"))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-from reliability_common import assert_same_tensors, checkpoint_step, launch, resumed_at  # noqa: E402
+from reliability_common import assert_same_tensors, checkpoint_state, checkpoint_step, launch, resumed_at  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +56,6 @@ STEPS = 12
 # One thread per process (shared CI cores; bit-for-bit comparisons use the same count) and PyTorch's own
 # linear kernels: a per-machine kernel choice measured anew by each launch could differ between them.
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SSL_VIT_ONEDNN_LINEAR": "0"}
-
-
-def checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
-    """Everything the objective holds: student, head, teacher and centre."""
-    return load_file(str(out / "checkpoint-last" / "model.safetensors"))
 
 
 def test_dino_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tmp_path):

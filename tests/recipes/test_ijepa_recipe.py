@@ -3,7 +3,6 @@ resumed, and spread over 2 processes."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,6 +17,8 @@ from ssl_vit.config import PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "ijepa_pretrain.py"
+sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+from reliability_common import load_recipe  # noqa: E402
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("ijepa_*.yaml"))
 # Runs a recipe with faults armed from outside the library (kill_forward=N: SIGKILL inside the N-th forward).
 FAULTY_LAUNCH = ROOT / "tests" / "reliability" / "faulty_launch.py"
@@ -42,13 +43,6 @@ STEPS = 12
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("ijepa_pretrain_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def launch(out: Path, *args: str, faults: str = "", launcher: list[str] | None = None, env: dict | None = None):
     cmd = (launcher or [sys.executable]) + [str(FAULTY_LAUNCH), str(RECIPE), *TINY, *args, f"output_dir={out}"]
     full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": faults, **(env or {})}
@@ -69,7 +63,7 @@ def test_ijepa_configs__all_three_exist_parse_and_start_with_the_launch_command(
 
 
 def test_ijepa_default_config__is_synthetic_nano_and_small_enough_for_a_cpu():
-    cfg = load_config(PretrainConfig, [], default_file=load_recipe().DEFAULT_CONFIG)
+    cfg = load_config(PretrainConfig, [], default_file=load_recipe("ijepa_pretrain").DEFAULT_CONFIG)
     assert cfg.data.name == "synthetic" and cfg.model.name == "vit_nano_patch4_32"
     assert cfg.output_dir == "outputs/ijepa_default"
     assert cfg.ijepa.predictor_dim <= 128 and cfg.ijepa.predictor_depth <= 4

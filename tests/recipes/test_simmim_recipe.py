@@ -8,7 +8,6 @@ fixed views.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -29,7 +28,7 @@ from ssl_vit.objectives.simmim import SimMIM
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
-from reliability_common import assert_same_tensors, checkpoint_step, launch, resumed_at  # noqa: E402
+from reliability_common import assert_same_tensors, checkpoint_state, checkpoint_step, launch, load_recipe, resumed_at  # noqa: E402
 
 # The default recipe shrunk to seconds: 32 synthetic 16x16 images, batch 8 (4 steps an epoch), 3 epochs =
 # 12 steps, a 2-block 32-wide ViT (patch 4) with 8-px mask patches, a checkpoint every 3 steps.
@@ -49,13 +48,6 @@ STEPS = 12
 # One thread per process (shared CI cores; bit-for-bit comparisons use the same count) and PyTorch's own
 # linear kernels: a per-machine kernel choice measured anew by each launch could differ between them.
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SSL_VIT_ONEDNN_LINEAR": "0"}
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("simmim_pretrain_recipe", ROOT / "recipes" / "simmim_pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def config(name: str) -> PretrainConfig:
@@ -83,7 +75,7 @@ def test_simmim_configs__all_three_parse_and_start_with_the_launch_command():
 
 def test_simmim_default_config__is_synthetic_nano_and_the_recipes_default():
     cfg = config("simmim_default.yaml")
-    assert load_recipe().DEFAULT_CONFIG == CONFIGS / "simmim_default.yaml"
+    assert load_recipe("simmim_pretrain").DEFAULT_CONFIG == CONFIGS / "simmim_default.yaml"
     assert cfg.data.name == "synthetic" and cfg.model.name == "vit_nano_patch4_32"
     assert cfg.output_dir == "outputs/simmim_default"
 
@@ -163,7 +155,7 @@ def test_simmim_vit_base_imagenet_config__holds_the_published_values():
 
 def test_simmim_recipe__runs_and_exports_a_backbone_that_timm_loads_strictly(tmp_path):
     out = tmp_path / "run"
-    summary = load_recipe().main([*TINY, "train.max_steps=2", "data.num_workers=0", f"output_dir={out}"])
+    summary = load_recipe("simmim_pretrain").main([*TINY, "train.max_steps=2", "data.num_workers=0", f"output_dir={out}"])
     assert summary["steps"] == 2
     assert (out / "simmim_reconstruction.png").stat().st_size > 0
     saved = (out / "config.yaml").read_text()
@@ -185,10 +177,6 @@ def test_simmim_recipe__runs_and_exports_a_backbone_that_timm_loads_strictly(tmp
 
 
 # -- real processes ----------------------------------------------------------------------------
-
-
-def checkpoint_state(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "checkpoint-last" / "model.safetensors"))
 
 
 @pytest.mark.slow

@@ -79,6 +79,13 @@ def backbone_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(out) / "backbone.safetensors"))
 
 
+def checkpoint_state(out: Path, folder: str = "checkpoint-last") -> dict[str, torch.Tensor]:
+    """Everything the objective holds (backbone, heads, teacher, centre, codebook...) in a run's checkpoint."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / folder / "model.safetensors"))
+
+
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
