@@ -12,7 +12,6 @@ import json
 import math
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,15 @@ from ssl_vit.objectives.simmim import SimMIM
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
-from reliability_common import assert_same_tensors, checkpoint_state, checkpoint_step, launch, load_recipe, resumed_at  # noqa: E402
+from reliability_common import (  # noqa: E402
+    assert_same_tensors,
+    checkpoint_state,
+    checkpoint_step,
+    launch,
+    launch_sequence,
+    load_recipe,
+    resumed_at,
+)
 
 # The default recipe shrunk to seconds: 32 synthetic 16x16 images, batch 8 (4 steps an epoch), 3 epochs =
 # 12 steps, a 2-block 32-wide ViT (patch 4) with 8-px mask patches, a checkpoint every 3 steps.
@@ -179,18 +186,33 @@ def test_simmim_recipe__runs_and_exports_a_backbone_that_timm_loads_strictly(tmp
 # -- real processes ----------------------------------------------------------------------------
 
 
+def run_args(out: Path, batch_size: int = 8, save_every: int = 3) -> list[str]:
+    return [*TINY, f"train.batch_size={batch_size}", f"train.save_every={save_every}", f"output_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """One child process (imports paid once) runs, in order: the uninterrupted run ("whole"), the 1-process
+    x 8 run of the 2-process comparison ("one", no checkpoints on the way), then the run SIGKILLed inside its
+    8th training forward (step 7, after the step-6 checkpoint; "broken"), which ends the process."""
+    root = tmp_path_factory.mktemp("simmim_runs")
+    proc = launch_sequence([
+        {"recipe": "simmim_pretrain.py", "args": run_args(root / "whole")},
+        {"recipe": "simmim_pretrain.py", "args": run_args(root / "one", save_every=0), "env": {"ACCELERATE_USE_CPU": "1"}},
+        {"recipe": "simmim_pretrain.py", "args": run_args(root / "broken"), "faults": "kill_forward=8"},
+    ], env=PINNED)
+    return root, proc
+
+
 @pytest.mark.slow
-def test_simmim_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tmp_path):
-    whole = tmp_path / "whole"
-    proc = launch("simmim_pretrain.py", *TINY, f"output_dir={whole}", env=PINNED)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_simmim_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(one_process_runs):
+    root, proc = one_process_runs
+    whole, broken = root / "whole", root / "broken"
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint_step(whole) == STEPS
     reference = checkpoint_state(whole)
 
-    # SIGKILL inside the 8th training forward (step 7, after the step-6 checkpoint), then relaunched.
-    broken = tmp_path / "broken"
-    proc = launch("simmim_pretrain.py", *TINY, f"output_dir={broken}", faults="kill_forward=8", env=PINNED)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # Killed inside the 8th training forward (step 7, after the step-6 checkpoint), then relaunched.
     assert checkpoint_step(broken) == 6
     proc = launch("simmim_pretrain.py", *TINY, f"output_dir={broken}", env=PINNED)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -199,21 +221,17 @@ def test_simmim_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_
     assert_same_tensors(load_file(str(broken / "backbone.safetensors")), load_file(str(whole / "backbone.safetensors")))
 
 
-def run(out: Path, batch_size: int, processes: int) -> subprocess.CompletedProcess:
-    """The tiny run with `processes` CPU processes (torchrun + gloo, as `accelerate launch` runs them)."""
-    launcher = None if processes == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(processes)]
-    args = [*TINY, f"train.batch_size={batch_size}", "train.save_every=0", f"output_dir={out}"]
-    env = {**PINNED, "ACCELERATE_USE_CPU": "1"}
-    return launch("simmim_pretrain.py", *args, env=env, launcher=launcher, timeout=300)
-
-
 @pytest.mark.slow
-def test_simmim_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    proc = run(two, batch_size=4, processes=2)
+def test_simmim_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(one_process_runs, tmp_path):
+    root, first = one_process_runs
+    one, two = root / "one", tmp_path / "two"
+    # The tiny run with 2 CPU processes (torchrun + gloo, as `accelerate launch` runs them).
+    proc = launch(
+        "simmim_pretrain.py", *run_args(two, batch_size=4, save_every=0), env={**PINNED, "ACCELERATE_USE_CPU": "1"},
+        launcher=["torchrun", "--standalone", "--nproc_per_node", "2"], timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run(one, batch_size=8, processes=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (one / "checkpoint-last").is_dir(), first.stderr[-3000:]  # the 1-process x 8 run completed
     state = json.loads((two / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["effective_batch"] == 8 and state["step"] == STEPS
 

@@ -17,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 LAUNCH = Path(__file__).with_name("faulty_launch.py")
+SEQUENCE = Path(__file__).with_name("sequence_launch.py")
 
 # The default MAE recipe shrunk to seconds: 32 synthetic 16x16 images, batch 8 (4 steps an epoch),
 # 3 epochs = 12 steps, a 1-block 32-wide ViT and a 1-block decoder, a checkpoint every 3 steps.
@@ -52,6 +53,10 @@ def launch(
     """Run recipes/<recipe> in a child process through faulty_launch.py (faults armed when given)."""
     cmd = (launcher or [sys.executable]) + [str(LAUNCH), str(RECIPES / recipe), *args]
     full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": faults, **(env or {})}
+    return _communicate(cmd, full_env, timeout)
+
+
+def _communicate(cmd: list[str], full_env: dict, timeout: float) -> subprocess.CompletedProcess:
     # Its own process group: on a timeout (a hang) every process it started is stopped, not only the launcher.
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -63,6 +68,24 @@ def launch(
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s (a hang?):\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def launch_sequence(runs: list[dict], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Several runs one after another in ONE child process (sequence_launch.py): the cost of starting a
+    process (imports: seconds) paid once. Each run: {"recipe": name in recipes/ or a script path, "args": [...],
+    "faults": faulty_launch.py's faults, last run only}. stdout/stderr are those of all the runs, in order."""
+    import tempfile
+
+    plan = [{**run, "recipe": str(RECIPES / run["recipe"]) if "/" not in run["recipe"] else run["recipe"]} for run in runs]
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="sequence_")
+    with os.fdopen(fd, "w") as f:
+        json.dump(plan, f)
+    try:
+        cmd = [sys.executable, str(SEQUENCE), path]
+        full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": "", **(env or {})}
+        return _communicate(cmd, full_env, timeout)
+    finally:
+        os.unlink(path)
 
 
 def load_recipe(name: str) -> ModuleType:

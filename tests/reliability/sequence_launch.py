@@ -1,0 +1,53 @@
+"""Several single-process recipe runs one after another in ONE child process: the recipe tests' reference
+runs share the cost of starting a process (imports take longer than these tiny runs), as
+tests/distributed/recipe_runs.py does for process groups.
+
+    python tests/reliability/sequence_launch.py PLAN.json
+
+PLAN.json is a list of runs, each {"recipe": "recipes/x.py" or a launcher script, "args": [...], "env": {...},
+"faults": "..."}; `env` is set for that run only;
+a launcher script (e.g. one that patches a class, then runs a recipe with runpy) gets `args` as its argv.
+Each run is run as `python <recipe> <args>` would run it (runpy, run_name="__main__"). Faults (faulty_launch.py's
+syntax) are only allowed on the LAST run: they are armed just before it (the wrappers would stay for any run
+after it), and a kill ends the process, so nothing can come after a killed run anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import runpy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from faulty_launch import arm, parse_faults  # noqa: E402
+
+
+def main() -> None:
+    # As faulty_launch.py and recipes/pretrain.py do: the engine's "resuming from ... at step N" reaches stderr.
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    if any(run.get("faults") for run in plan[:-1]):
+        raise SystemExit("sequence_launch.py: faults are allowed on the last run only")
+    for run in plan:
+        faults = parse_faults(run.get("faults", ""))
+        if faults:
+            arm(faults)
+        saved = {k: os.environ.get(k) for k in run.get("env", {})}
+        os.environ.update(run.get("env", {}))
+        recipe = str(Path(run["recipe"]).resolve())
+        sys.argv = [recipe, *run["args"]]
+        sys.path.insert(0, str(Path(recipe).parent))
+        runpy.run_path(recipe, run_name="__main__")
+        sys.path.remove(str(Path(recipe).parent))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+if __name__ == "__main__":
+    main()
