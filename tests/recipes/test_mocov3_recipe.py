@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
 
-from reliability_common import backbone_weights, checkpoint_step, launch, resumed_at  # noqa: E402
+from reliability_common import backbone_weights, checkpoint_step, launch, launch_sequence, resumed_at  # noqa: E402
 
 # The default recipe shrunk to seconds: 32 synthetic 16x16 images, batch 8 (4 steps an epoch), 3 epochs
 # = 12 steps, a 2-block 32-wide ViT and 32-wide heads, a checkpoint every 3 steps.
@@ -75,17 +75,37 @@ def weights(out: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(out / name))
 
 
+# The 2-processes-vs-1 comparison's run: SGD, not AdamW: Adam scales each gradient to about +-lr, so
+# parameters whose gradient is zero in exact arithmetic (the attention's key bias; the final LayerNorm's
+# bias, whose shift the projector's first BN removes) take +-lr steps of float noise, different for any
+# summation order.
+SGD_ONE_EPOCH = [*TINY, "train.epochs=1", "train.save_every=0", "optim.name=sgd", "optim.lr=0.05",
+                 "optim.weight_decay=0", "optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """One child process (imports paid once) runs, in order: the uninterrupted run ("whole"), the 1-process
+    x 8 SGD run of the 2-process comparison ("one"), then the run SIGKILLed inside its 8th forward (step 8,
+    after the step-6 checkpoint; "broken"), which ends the process."""
+    root = tmp_path_factory.mktemp("mocov3_runs")
+    proc = launch_sequence([
+        {"recipe": "mocov3_pretrain.py", "args": [*TINY, f"output_dir={root / 'whole'}"]},
+        {"recipe": "mocov3_pretrain.py", "args": [*SGD_ONE_EPOCH, f"output_dir={root / 'one'}"]},
+        {"recipe": "mocov3_pretrain.py", "args": [*TINY, f"output_dir={root / 'broken'}"], "faults": "kill_forward=8"},
+    ], timeout=300)
+    return root, proc
+
+
 @pytest.mark.slow
-def test_mocov3_recipe__killed_in_a_step_and_relaunched__ends_equal_to_an_uninterrupted_run(tmp_path):
-    whole = tmp_path / "whole"
-    proc = launch("mocov3_pretrain.py", *TINY, f"output_dir={whole}", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_mocov3_recipe__killed_in_a_step_and_relaunched__ends_equal_to_an_uninterrupted_run(one_process_runs):
+    root, proc = one_process_runs
+    whole, broken = root / "whole", root / "broken"
+    # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint_step(whole) == STEPS
 
-    # SIGKILL inside the 8th forward (step 8, after the step-6 checkpoint), then relaunched.
-    broken = tmp_path / "broken"
-    proc = launch("mocov3_pretrain.py", *TINY, f"output_dir={broken}", faults="kill_forward=8", timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # SIGKILLed inside the 8th forward (step 8, after the step-6 checkpoint), then relaunched.
     assert checkpoint_step(broken) == 6
     proc = launch("mocov3_pretrain.py", *TINY, f"output_dir={broken}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,20 +121,17 @@ def test_mocov3_recipe__killed_in_a_step_and_relaunched__ends_equal_to_an_uninte
 
 
 @pytest.mark.slow
-def test_mocov3_recipe__two_processes_x_4_train_as_one_process_x_8(tmp_path):
+def test_mocov3_recipe__two_processes_x_4_train_as_one_process_x_8(one_process_runs, tmp_path):
     # Keys gathered from both processes (labels offset by rank) and BN statistics over both (as the
     # official SyncBatchNorm): the same computation as one process, up to float summation order.
-    # SGD, not AdamW: Adam scales each gradient to about +-lr, so parameters whose gradient is zero
-    # in exact arithmetic (the attention's key bias; the final LayerNorm's bias, whose shift the
-    # projector's first BN removes) take +-lr steps of float noise, different for any summation order.
-    args = [*TINY, "train.epochs=1", "train.save_every=0", "optim.name=sgd", "optim.lr=0.05", "optim.weight_decay=0",
-            "optim.warmup_epochs=0"]
-    one = tmp_path / "one"
-    proc = launch("mocov3_pretrain.py", *args, f"output_dir={one}", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # SGD, not AdamW (SGD_ONE_EPOCH).
+    root, first = one_process_runs
+    one = root / "one"
+    # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
+    assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
     two = tmp_path / "two"
     proc = launch(
-        "mocov3_pretrain.py", *args, "train.batch_size=4", f"output_dir={two}",
+        "mocov3_pretrain.py", *SGD_ONE_EPOCH, "train.batch_size=4", f"output_dir={two}",
         env={"ACCELERATE_USE_CPU": "1"}, launcher=["torchrun", "--standalone", "--nproc_per_node", "2"], timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

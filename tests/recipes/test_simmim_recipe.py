@@ -208,6 +208,7 @@ def one_process_runs(tmp_path_factory):
 def test_simmim_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(one_process_runs):
     root, proc = one_process_runs
     whole, broken = root / "whole", root / "broken"
+    # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint_step(whole) == STEPS
     reference = checkpoint_state(whole)
@@ -231,7 +232,8 @@ def test_simmim_recipe__two_processes_end_with_one_process_weights_at_the_same_g
         launcher=["torchrun", "--standalone", "--nproc_per_node", "2"], timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (one / "checkpoint-last").is_dir(), first.stderr[-3000:]  # the 1-process x 8 run completed
+    # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
+    assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
     state = json.loads((two / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["effective_batch"] == 8 and state["step"] == STEPS
 
