@@ -27,7 +27,15 @@ from ssl_vit.objectives.vqkd import load_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
-from reliability_common import assert_same_tensors, checkpoint_state, checkpoint_step, launch, load_recipe, resumed_at
+from reliability_common import (  # noqa: E402
+    assert_same_tensors,
+    checkpoint_state,
+    checkpoint_step,
+    launch,
+    launch_sequence,
+    load_recipe,
+    resumed_at,
+)
 
 # 32 synthetic 16x16 images, batch 8 (4 steps an epoch), 3 epochs = 12 steps, a 2-block 32-wide ViT (patch 4:
 # a 4x4 grid, 6 of 16 patches masked in blocks of >= 2), 16 codes, a checkpoint every 3 steps.
@@ -140,14 +148,32 @@ def beit_args(tokenizer: Path, out: Path, *extra: str) -> list[str]:
     return [*DATA, NET, *RUN, *BEIT, f"beit.tokenizer={tokenizer}", *extra, f"output_dir={out}"]
 
 
+def one_process(args: list[str]) -> dict:
+    """The 1-process side of a 2-process comparison (batch 8, no checkpoints on the way), as a sequence run."""
+    return {"args": [*args, "train.batch_size=8", "train.save_every=0"], "env": {"ACCELERATE_USE_CPU": "1"}}
+
+
+@pytest.fixture(scope="module")
+def beit_runs(tmp_path_factory, tokenizer_dir):
+    """One child process (imports paid once) runs, in order: BEiT uninterrupted ("whole"), the 1-process x 8
+    run of the 2-process comparison ("one"), then the run SIGKILLed inside its 8th training forward
+    ("broken": step 7, after the step-6 checkpoint), which ends the process."""
+    root = tmp_path_factory.mktemp("beit_runs")
+    proc = launch_sequence([
+        {"recipe": "beit_pretrain.py", "args": beit_args(tokenizer_dir, root / "whole")},
+        {"recipe": "beit_pretrain.py", **one_process(beit_args(tokenizer_dir, root / "one"))},
+        {"recipe": "beit_pretrain.py", "args": beit_args(tokenizer_dir, root / "broken"), "faults": "kill_forward=8"},
+    ], env=PINNED)
+    return root, proc
+
+
 @pytest.mark.slow
-def test_beit_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tmp_path, tokenizer_dir):
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    proc = launch("beit_pretrain.py", *beit_args(tokenizer_dir, whole), env=PINNED)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert checkpoint_step(whole) == STEPS
-    proc = launch("beit_pretrain.py", *beit_args(tokenizer_dir, broken), faults="kill_forward=8", env=PINNED)
+def test_beit_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(beit_runs, tokenizer_dir):
+    root, proc = beit_runs
+    whole, broken = root / "whole", root / "broken"
+    # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert checkpoint_step(whole) == STEPS
     assert checkpoint_step(broken) == 6
     proc = launch("beit_pretrain.py", *beit_args(tokenizer_dir, broken), env=PINNED)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -163,12 +189,13 @@ def run(recipe: str, args: list[str], batch_size: int, processes: int) -> subpro
 
 
 @pytest.mark.slow
-def test_beit_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(tmp_path, tokenizer_dir):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_beit_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(beit_runs, tmp_path, tokenizer_dir):
+    root, first = beit_runs
+    one, two = root / "one", tmp_path / "two"
     proc = run("beit_pretrain.py", beit_args(tokenizer_dir, two), 4, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run("beit_pretrain.py", beit_args(tokenizer_dir, one), 8, 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
+    assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
     state = json.loads((two / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["effective_batch"] == 8 and state["step"] == STEPS
     a, b = checkpoint_state(one), checkpoint_state(two)
@@ -179,17 +206,32 @@ def test_beit_recipe__two_processes_end_with_one_process_weights_at_the_same_glo
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.slow
-def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def tokenizer_runs(tmp_path_factory):
+    """A random tiny ViT teacher, then one child process running, in order: the tokenizer recipe
+    uninterrupted ("whole"), the 1-process x 8 run of the 2-process comparison ("one"), then the run
+    SIGKILLed inside its 8th training forward ("broken"), which ends the process."""
+    root = tmp_path_factory.mktemp("tokenizer_runs")
     torch.manual_seed(0)
-    save_backbone(create_backbone("vit_nano_patch4_32", depth=1, embed_dim=24, num_heads=2, img_size=16, num_classes=0), tmp_path / "teacher")
+    save_backbone(create_backbone("vit_nano_patch4_32", depth=1, embed_dim=24, num_heads=2, img_size=16, num_classes=0), root / "teacher")
     base = [*DATA, NET, *RUN, "vqkd.codebook_size=16", "vqkd.codebook_dim=8", "vqkd.decoder_depth=1",
-            "vqkd.usage_window=5", f"vqkd.teacher={tmp_path / 'teacher'}"]
-    one, two = tmp_path / "one", tmp_path / "two"
+            "vqkd.usage_window=5", f"vqkd.teacher={root / 'teacher'}"]
+    proc = launch_sequence([
+        {"recipe": "beit_tokenizer.py", "args": [*base, f"output_dir={root / 'whole'}"]},
+        {"recipe": "beit_tokenizer.py", **one_process([*base, f"output_dir={root / 'one'}"])},
+        {"recipe": "beit_tokenizer.py", "args": [*base, f"output_dir={root / 'broken'}"], "faults": "kill_forward=8"},
+    ], env=PINNED)
+    return root, base, proc
+
+
+@pytest.mark.slow
+def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process(tokenizer_runs, tmp_path):
+    root, base, first = tokenizer_runs
+    one, two = root / "one", tmp_path / "two"
     proc = run("beit_tokenizer.py", [*base, f"output_dir={two}"], 4, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run("beit_tokenizer.py", [*base, f"output_dir={one}"], 8, 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
+    assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
     a, b = checkpoint_state(one), checkpoint_state(two)
     assert a.keys() == b.keys()
     # k-means init on the gathered batch and EMA sums reduced over processes: the codebook and the usage
@@ -200,15 +242,10 @@ def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process
 
 
 @pytest.mark.slow
-def test_beit_tokenizer_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tmp_path):
-    torch.manual_seed(0)
-    save_backbone(create_backbone("vit_nano_patch4_32", depth=1, embed_dim=24, num_heads=2, img_size=16, num_classes=0), tmp_path / "teacher")
-    base = [*DATA, NET, *RUN, "vqkd.codebook_size=16", "vqkd.codebook_dim=8", "vqkd.decoder_depth=1",
-            "vqkd.usage_window=5", f"vqkd.teacher={tmp_path / 'teacher'}"]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    proc = launch("beit_tokenizer.py", *base, f"output_dir={whole}", env=PINNED)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch("beit_tokenizer.py", *base, f"output_dir={broken}", faults="kill_forward=8", env=PINNED)
+def test_beit_tokenizer_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tokenizer_runs):
+    root, base, proc = tokenizer_runs
+    whole, broken = root / "whole", root / "broken"
+    # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint_step(broken) == 6 and not (broken / "tokenizer.safetensors").exists()
     proc = launch("beit_tokenizer.py", *base, f"output_dir={broken}", env=PINNED)
