@@ -24,7 +24,14 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-from reliability_common import assert_same_tensors, checkpoint_state, checkpoint_step, launch, resumed_at  # noqa: E402
+from reliability_common import (  # noqa: E402
+    assert_same_tensors,
+    checkpoint_state,
+    checkpoint_step,
+    launch,
+    launch_sequence,
+    resumed_at,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +65,11 @@ STEPS = 12
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SSL_VIT_ONEDNN_LINEAR": "0"}
 
 
-def test_dino_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tmp_path):
-    whole = tmp_path / "whole"
-    proc = launch("dino_pretrain.py", *TINY_DINO, f"output_dir={whole}", env=PINNED)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_dino_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(one_process_runs):
+    root, proc = one_process_runs
+    whole, broken = root / "whole", root / "broken"
+    # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint_step(whole) == STEPS
     reference = checkpoint_state(whole)
     exported = load_file(str(whole / "backbone.safetensors"))
@@ -72,10 +80,7 @@ def test_dino_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_ru
     assert reference["center"].abs().sum() > 0
     assert (whole / "dino_views.png").exists() and (whole / "dino_attention.png").exists()
 
-    # SIGKILL inside the 8th training forward (step 7, after the step-6 checkpoint), then relaunched.
-    broken = tmp_path / "broken"
-    proc = launch("dino_pretrain.py", *TINY_DINO, f"output_dir={broken}", faults="kill_forward=8", env=PINNED)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # SIGKILLed inside the 8th training forward (step 7, after the step-6 checkpoint), then relaunched.
     assert checkpoint_step(broken) == 6
     proc = launch("dino_pretrain.py", *TINY_DINO, f"output_dir={broken}", env=PINNED)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,29 +114,52 @@ FIXED_VIEWS_LAUNCHER = textwrap.dedent(
             return {"global_crops": [big, TF.hflip(big)], "local_crops": [small, TF.vflip(small)]}
 
 
+    real_train_transform = DINO.train_transform
     DINO.train_transform = lambda self, data_cfg: FixedViews(data_cfg.image_size, 8, data_cfg.mean, data_cfg.std)
     sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:  # a later run in the same process (sequence_launch.py) gets DINO's own views again
+        DINO.train_transform = real_train_transform
     '''
 )
 
 
+def fixed_views_args(out: Path, batch_size: int) -> list[str]:
+    return [str(ROOT / "recipes" / "dino_pretrain.py"), *TINY_DINO, "data.num_workers=0", f"train.batch_size={batch_size}",
+            "train.save_every=0", f"output_dir={out}"]
+
+
 def run_fixed_views(launcher: Path, out: Path, batch_size: int, processes: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable] if processes == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(processes)]
-    cmd += [str(launcher), str(ROOT / "recipes" / "dino_pretrain.py"), *TINY_DINO]
-    cmd += ["data.num_workers=0", f"train.batch_size={batch_size}", "train.save_every=0", f"output_dir={out}"]
+    cmd += [str(launcher), *fixed_views_args(out, batch_size)]
     env = {**os.environ, **PINNED, "ACCELERATE_USE_CPU": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_dino_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(tmp_path):
-    launcher = tmp_path / "fixed_views.py"
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """One child process (imports paid once) runs, in order: the uninterrupted run ("whole"), the 1-process
+    x 8 fixed-views run of the 2-process comparison ("one"), then the run SIGKILLed inside its 8th training
+    forward (step 7, after the step-6 checkpoint; "broken"), which ends the process."""
+    root = tmp_path_factory.mktemp("dino_runs")
+    launcher = root / "fixed_views.py"
     launcher.write_text(FIXED_VIEWS_LAUNCHER)
-    one, two = tmp_path / "one", tmp_path / "two"
-    proc = run_fixed_views(launcher, two, batch_size=4, processes=2)
+    proc = launch_sequence([
+        {"recipe": "dino_pretrain.py", "args": [*TINY_DINO, f"output_dir={root / 'whole'}"]},
+        {"recipe": str(launcher), "args": fixed_views_args(root / "one", batch_size=8), "env": {"ACCELERATE_USE_CPU": "1"}},
+        {"recipe": "dino_pretrain.py", "args": [*TINY_DINO, f"output_dir={root / 'broken'}"], "faults": "kill_forward=8"},
+    ], env=PINNED)
+    return root, proc
+
+
+def test_dino_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(one_process_runs, tmp_path):
+    root, first = one_process_runs
+    one, two = root / "one", tmp_path / "two"
+    proc = run_fixed_views(root / "fixed_views.py", two, batch_size=4, processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_fixed_views(launcher, one, batch_size=8, processes=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
+    assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
     state = json.loads((two / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["effective_batch"] == 8 and state["step"] == STEPS
 
