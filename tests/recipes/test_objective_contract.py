@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from ssl_vit.config import ConfigError, PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+from reliability_common import CHILD_ENV, launch_sequence  # noqa: E402
 
 TWO_VIEW_MODULE = textwrap.dedent(
     '''
@@ -134,8 +136,14 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+def user_env(folder: Path) -> dict:
+    """The user's folder on PYTHONPATH, as a contributor's module outside the package is found."""
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
 def launch(folder: Path, out: Path, log: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    # One thread, as launch_sequence's runs (CHILD_ENV): runs compared bit for bit use the same count.
+    env = {**os.environ, **CHILD_ENV, **user_env(folder)}
     env.pop("TWO_VIEW_KILL_AT", None)
     if kill_at is not None:
         env["TWO_VIEW_KILL_AT"] = str(kill_at)
@@ -183,10 +191,19 @@ def test_builtin_keys__keep_working_and_belong_to_their_objective() -> None:
 
 @pytest.mark.slow
 def test_objective_outside_the_package__views_hooks_teacher_export_and_kill_resume(user_module: Path, tmp_path: Path) -> None:
-    # An uninterrupted run.
+    # An uninterrupted run, then one killed by SIGKILL inside step 3 (after the step-2 checkpoint): one
+    # child process runs both, one after the other (imports paid once); the kill ends it.
     whole, whole_log = tmp_path / "whole", tmp_path / "whole.log"
-    proc = launch(user_module, whole, whole_log)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    broken, broken_log = tmp_path / "broken", tmp_path / "broken.log"
+    pretrain = str(ROOT / "recipes" / "pretrain.py")
+    proc = launch_sequence([
+        {"recipe": pretrain, "args": [*RUN, f"two_view.hook_log={whole_log}", f"output_dir={whole}"]},
+        {"recipe": pretrain, "args": [*RUN, f"two_view.hook_log={broken_log}", f"output_dir={broken}"],
+         "env": {"TWO_VIEW_KILL_AT": "3"}},
+    ], env=user_env(user_module), timeout=600, cwd=user_module)
+    # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (whole / "backbone.safetensors").is_file(), proc.stderr[-3000:]
     # Each hook once per optimizer step (2 micro-batches each), in order, steps consecutive; a
     # schedule "epoch" = total_steps / train.epochs (max_steps=6 of 10 epochs: 0.6 steps).
     assert hook_calls(whole_log) == [[("train_start", 600), *once_per_step(range(STEPS))]]
@@ -200,10 +217,7 @@ def test_objective_outside_the_package__views_hooks_teacher_export_and_kill_resu
         assert torch.equal(value, state[f"teacher.{key}"]), key
     assert any(not torch.equal(exported[k], state[f"backbone.{k}"]) for k in exported)
 
-    # Killed by SIGKILL inside step 3 (after the step-2 checkpoint), then relaunched.
-    broken, broken_log = tmp_path / "broken", tmp_path / "broken.log"
-    proc = launch(user_module, broken, broken_log, kill_at=3)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # The run killed inside step 3 (after the step-2 checkpoint), relaunched.
     proc = launch(user_module, broken, broken_log)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 2" in proc.stderr

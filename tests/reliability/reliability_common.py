@@ -56,10 +56,10 @@ def launch(
     return _communicate(cmd, full_env, timeout)
 
 
-def _communicate(cmd: list[str], full_env: dict, timeout: float) -> subprocess.CompletedProcess:
+def _communicate(cmd: list[str], full_env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     # Its own process group: on a timeout (a hang) every process it started is stopped, not only the launcher.
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -70,10 +70,13 @@ def _communicate(cmd: list[str], full_env: dict, timeout: float) -> subprocess.C
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def launch_sequence(runs: list[dict], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch_sequence(
+    runs: list[dict], env: dict | None = None, timeout: float = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """Several runs one after another in ONE child process (sequence_launch.py): the cost of starting a
     process (imports: seconds) paid once. Each run: {"recipe": name in recipes/ or a script path, "args": [...],
-    "faults": faulty_launch.py's faults, last run only}. stdout/stderr are those of all the runs, in order."""
+    "env": {...} for that run only, "faults": faulty_launch.py's faults, last run only}. stdout/stderr are those
+    of all the runs, in order."""
     import tempfile
 
     plan = [{**run, "recipe": str(RECIPES / run["recipe"]) if "/" not in run["recipe"] else run["recipe"]} for run in runs]
@@ -83,7 +86,7 @@ def launch_sequence(runs: list[dict], env: dict | None = None, timeout: float = 
     try:
         cmd = [sys.executable, str(SEQUENCE), path]
         full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": "", **(env or {})}
-        return _communicate(cmd, full_env, timeout)
+        return _communicate(cmd, full_env, timeout, cwd)
     finally:
         os.unlink(path)
 
