@@ -71,7 +71,11 @@ def _communicate(cmd: list[str], full_env: dict, timeout: float, cwd: Path = REP
 
 
 def launch_sequence(
-    runs: list[dict], env: dict | None = None, timeout: float = 300, cwd: Path = REPO
+    runs: list[dict],
+    env: dict | None = None,
+    timeout: float = 300,
+    cwd: Path = REPO,
+    launcher: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Several runs one after another in ONE child process (sequence_launch.py): the cost of starting a
     process (imports: seconds) paid once. Each run: {"recipe": name in recipes/ or a script path, "args": [...],
@@ -84,7 +88,7 @@ def launch_sequence(
     with os.fdopen(fd, "w") as f:
         json.dump(plan, f)
     try:
-        cmd = [sys.executable, str(SEQUENCE), path]
+        cmd = (launcher or [sys.executable]) + [str(SEQUENCE), path]
         full_env = {**os.environ, **CHILD_ENV, "RELIABILITY_FAULTS": "", **(env or {})}
         return _communicate(cmd, full_env, timeout, cwd)
     finally:

@@ -9,7 +9,9 @@ PLAN.json is a list of runs, each {"recipe": "recipes/x.py" or a launcher script
 a launcher script (e.g. one that patches a class, then runs a recipe with runpy) gets `args` as its argv.
 Each run is run as `python <recipe> <args>` would run it (runpy, run_name="__main__"). Faults (faulty_launch.py's
 syntax) are only allowed on the LAST run: they are armed just before it (the wrappers would stay for any run
-after it), and a kill ends the process, so nothing can come after a killed run anyway.
+after it), and a kill ends the process, so nothing can come after a killed run anyway. Under torchrun
+(`torchrun ... sequence_launch.py PLAN.json`) the runs share one process group; RELIABILITY_RANK=R arms the
+faults on that process only, as in faulty_launch.py.
 """
 
 from __future__ import annotations
@@ -31,9 +33,18 @@ def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
     if any(run.get("faults") for run in plan[:-1]):
         raise SystemExit("sequence_launch.py: faults are allowed on the last run only")
+    destroy = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and len(plan) > 1:
+        # Under torchrun, as tests/distributed/recipe_runs.py: Accelerate's end_training() destroys the
+        # process group, which the next run in this process needs again; that one call waits for the end.
+        from accelerate.state import PartialState
+
+        destroy = PartialState.destroy_process_group
+        PartialState.destroy_process_group = lambda self, group=None: None
+    rank = os.environ.get("RELIABILITY_RANK")  # as faulty_launch.py: faults on that process only
     for run in plan:
         faults = parse_faults(run.get("faults", ""))
-        if faults:
+        if faults and (rank is None or rank == os.environ.get("RANK", "0")):
             arm(faults)
         saved = {k: os.environ.get(k) for k in run.get("env", {})}
         os.environ.update(run.get("env", {}))
@@ -47,6 +58,10 @@ def main() -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if destroy is not None:
+        from accelerate.state import PartialState
+
+        destroy(PartialState())
 
 
 if __name__ == "__main__":
