@@ -51,17 +51,27 @@ def _compare(plan_file: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-@pytest.mark.slow
-def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_nothing(tmp_path: Path):
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(yaml.safe_dump(_tiny_plan(tmp_path)))
-    out = tmp_path / "out"
-
+@pytest.fixture(scope="module")
+def tiny_comparison(tmp_path_factory):
+    """The tiny plan run once: its first invocation, and the table it wrote then (read before any other
+    invocation in this folder). The pretraining-seeds test goes on in the same folder, where the plan's
+    seed-0 MAE run and its and the random init's kNN evaluations (the same runs) are found complete."""
+    root = tmp_path_factory.mktemp("tiny_comparison")
+    plan_file = root / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(_tiny_plan(root)))
+    out = root / "out"
     first = _compare(plan_file, out)
+    written = {name: (out / name).read_text() for name in ("results.json", "results.md") if (out / name).is_file()}
+    return root, plan_file, out, first, written
+
+
+@pytest.mark.slow
+def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_nothing(tiny_comparison):
+    _, plan_file, out, first, written = tiny_comparison
     assert first.returncode == 1, first.stdout + first.stderr  # the broken entry
     for name in ("results.md", "results.csv", "results.json", "accuracy.png", "loss_curves.png", "plan.yaml"):
         assert (out / name).is_file(), f"{name} missing:\n{first.stdout}\n{first.stderr}"
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads(written["results.json"])
     methods = {m["name"]: m for m in data["methods"]}
     for name in ("mae", "random"):
         for column, seeds in (("knn", [0, 1]), ("linear_probe", [0, 1]), ("finetune", [0])):
@@ -72,7 +82,7 @@ def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_no
     assert methods["mae"]["loss_tag"]
     assert methods["broken"]["status"] == "failed" and "broken on purpose" in methods["broken"]["error"]
     assert {c["status"] for c in methods["broken"]["evals"].values()} == {"blocked"}
-    table = (out / "results.md").read_text()
+    table = written["results.md"]
     assert "| broken (pretraining FAILED) | blocked | blocked | blocked |" in table and "## Problems" in table
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
@@ -88,16 +98,19 @@ def test_tiny_plan__runs_end_to_end_reports_the_broken_entry_and_a_rerun_runs_no
 
 
 @pytest.mark.slow
-def test_pretrain_seeds__real_recipe_trains_other_weights_per_seed_and_reuses_them(tmp_path: Path):
+def test_pretrain_seeds__real_recipe_trains_other_weights_per_seed_and_reuses_them(tiny_comparison):
     from safetensors.torch import load_file
 
-    plan = _tiny_plan(tmp_path)
+    # In the tiny plan's folder: its seed-0 MAE pretraining and the kNN evaluations of it and of the random
+    # init are this plan's too (a single-seed comparison's runs are found again when pretrain_seeds are
+    # added); the seed-1 pretraining and its evaluation run here.
+    root, _, out, _, _ = tiny_comparison
+    plan = _tiny_plan(root)
     plan["pretrain"] = [plan["pretrain"][0], {"name": "random", "checkpoint": "random"}]
     plan["evaluations"] = [plan["evaluations"][0]]
     plan["pretrain_seeds"] = [0, 1]
-    plan_file = tmp_path / "plan.yaml"
+    plan_file = root / "plan_seeds.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
-    out = tmp_path / "out"
 
     first = _compare(plan_file, out)
     assert first.returncode == 0, first.stdout + first.stderr
