@@ -18,13 +18,15 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def mae_reference(tmp_path_factory):
-    """backbone.safetensors of one uninterrupted tiny MAE recipe run (child process): what every
-    interrupted, resumed run must equal bit for bit."""
-    from reliability_common import TINY_MAE, TINY_STEPS, backbone_weights, checkpoint_step, launch
+def mae_reference(tmp_path_factory, _one_thread):
+    """backbone.safetensors of one uninterrupted tiny MAE recipe run: what every interrupted, resumed run
+    must equal bit for bit. Run in this process (one thread, as the child processes; a child process would
+    add seconds of imports): the killed and relaunched child processes of test_kill_resume.py are compared
+    with it, so in-process and child-process runs are checked to agree as well."""
+    from reliability_common import TINY_MAE, TINY_STEPS, backbone_weights, checkpoint_step, load_recipe
 
     out = tmp_path_factory.mktemp("mae_reference")
-    proc = launch("mae_pretrain.py", *TINY_MAE, f"output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = load_recipe("mae_pretrain").main([*TINY_MAE, f"output_dir={out}"])
+    assert summary["steps"] == TINY_STEPS
     assert checkpoint_step(out) == TINY_STEPS
     return backbone_weights(out)
