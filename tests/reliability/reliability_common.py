@@ -9,8 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
@@ -93,6 +95,35 @@ def launch_sequence(
         return _communicate(cmd, full_env, timeout, cwd)
     finally:
         os.unlink(path)
+
+
+class Background:
+    """fn(*args, **kwargs) in a thread, started at once: a launch that does not depend on the ones this process
+    makes meanwhile uses the second CPU core while they wait for theirs. result() waits, then returns what fn
+    returned or raises what it raised (assertions made in fn fail the test that asks for the result)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._result = fn(*args, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - re-raised in result()
+                self._error = error
+
+        self._thread = threading.Thread(target=target, name=f"background {getattr(fn, '__name__', fn)}", daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def wait(self) -> None:
+        """Wait for the end without raising (a fixture's teardown: no launch outlives its test files)."""
+        self._thread.join()
 
 
 def load_recipe(name: str) -> ModuleType:

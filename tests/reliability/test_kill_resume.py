@@ -11,6 +11,7 @@ import signal
 import pytest
 from reliability_common import (
     TINY_MAE,
+    Background,
     TINY_STEPS,
     assert_same_tensors,
     backbone_weights,
@@ -30,7 +31,18 @@ def run(out, faults: str = ""):
     return launch("mae_pretrain.py", *TINY_MAE, f"output_dir={out}", faults=faults)
 
 
-def test_sigkill_mid_step_then_mid_save_then_mid_export__each_relaunch_resumes_and_ends_equal(mae_reference, tmp_path):
+@pytest.fixture(scope="module")
+def half_written_checkpoint_run(mae_reference, tmp_path_factory):
+    """The half-written-checkpoint test's launches (one after another, in a thread): they need nothing from
+    the other test's, so they run alongside them, each launch on one core (the children use one thread)."""
+    chain = Background(sigkill_while_checkpoint_files_are_half_written, mae_reference, tmp_path_factory.mktemp("torn"))
+    yield chain
+    chain.wait()
+
+
+def test_sigkill_mid_step_then_mid_save_then_mid_export__each_relaunch_resumes_and_ends_equal(
+    mae_reference, tmp_path, half_written_checkpoint_run  # started now: it runs alongside this test's launches
+):
     # 1. Killed in step 2, before any checkpoint: the relaunch starts afresh.
     proc = run(tmp_path, "kill_forward=2")
     assert proc.returncode == KILLED, proc.stderr[-3000:]
@@ -63,7 +75,11 @@ def test_sigkill_mid_step_then_mid_save_then_mid_export__each_relaunch_resumes_a
     assert leftovers(tmp_path) == []
 
 
-def test_sigkill_while_checkpoint_files_are_half_written__torn_folder_never_read(mae_reference, tmp_path):
+def test_sigkill_while_checkpoint_files_are_half_written__torn_folder_never_read(half_written_checkpoint_run):
+    half_written_checkpoint_run.result()  # its launches and assertions, below
+
+
+def sigkill_while_checkpoint_files_are_half_written(mae_reference, tmp_path):
     # Killed in the 2nd save (step 6) with model.safetensors of the temp folder cut in half.
     proc = run(tmp_path, "kill_save=2:torn")
     assert proc.returncode == KILLED, proc.stderr[-3000:]
