@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
 from reliability_common import (  # noqa: E402
+    Background,
     assert_same_tensors,
     checkpoint_state,
     checkpoint_step,
@@ -157,19 +158,22 @@ def one_process(args: list[str]) -> dict:
 def beit_runs(tmp_path_factory, tokenizer_dir):
     """One child process (imports paid once) runs, in order: BEiT uninterrupted ("whole"), the 1-process x 8
     run of the 2-process comparison ("one"), then the run SIGKILLed inside its 8th training forward
-    ("broken": step 7, after the step-6 checkpoint), which ends the process."""
+    ("broken": step 7, after the step-6 checkpoint), which ends the process. Meanwhile (in a thread: it needs
+    none of them) the 2-process x 4 run of the comparison ("two")."""
     root = tmp_path_factory.mktemp("beit_runs")
+    two = Background(run, "beit_pretrain.py", beit_args(tokenizer_dir, root / "two"), 4, 2)
     proc = launch_sequence([
         {"recipe": "beit_pretrain.py", "args": beit_args(tokenizer_dir, root / "whole")},
         {"recipe": "beit_pretrain.py", **one_process(beit_args(tokenizer_dir, root / "one"))},
         {"recipe": "beit_pretrain.py", "args": beit_args(tokenizer_dir, root / "broken"), "faults": "kill_forward=8"},
     ], env=PINNED)
-    return root, proc
+    yield root, proc, two
+    two.wait()
 
 
 @pytest.mark.slow
 def test_beit_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(beit_runs, tokenizer_dir):
-    root, proc = beit_runs
+    root, proc, _ = beit_runs
     whole, broken = root / "whole", root / "broken"
     # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -189,10 +193,10 @@ def run(recipe: str, args: list[str], batch_size: int, processes: int) -> subpro
 
 
 @pytest.mark.slow
-def test_beit_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(beit_runs, tmp_path, tokenizer_dir):
-    root, first = beit_runs
-    one, two = root / "one", tmp_path / "two"
-    proc = run("beit_pretrain.py", beit_args(tokenizer_dir, two), 4, 2)
+def test_beit_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(beit_runs):
+    root, first, two_processes = beit_runs
+    one, two = root / "one", root / "two"
+    proc = two_processes.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
     assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
@@ -210,25 +214,28 @@ def test_beit_recipe__two_processes_end_with_one_process_weights_at_the_same_glo
 def tokenizer_runs(tmp_path_factory):
     """A random tiny ViT teacher, then one child process running, in order: the tokenizer recipe
     uninterrupted ("whole"), the 1-process x 8 run of the 2-process comparison ("one"), then the run
-    SIGKILLed inside its 8th training forward ("broken"), which ends the process."""
+    SIGKILLed inside its 8th training forward ("broken"), which ends the process. Meanwhile (in a thread: it
+    needs none of them) the 2-process x 4 run of the comparison ("two")."""
     root = tmp_path_factory.mktemp("tokenizer_runs")
     torch.manual_seed(0)
     save_backbone(create_backbone("vit_nano_patch4_32", depth=1, embed_dim=24, num_heads=2, img_size=16, num_classes=0), root / "teacher")
     base = [*DATA, NET, *RUN, "vqkd.codebook_size=16", "vqkd.codebook_dim=8", "vqkd.decoder_depth=1",
             "vqkd.usage_window=5", f"vqkd.teacher={root / 'teacher'}"]
+    two = Background(run, "beit_tokenizer.py", [*base, f"output_dir={root / 'two'}"], 4, 2)
     proc = launch_sequence([
         {"recipe": "beit_tokenizer.py", "args": [*base, f"output_dir={root / 'whole'}"]},
         {"recipe": "beit_tokenizer.py", **one_process([*base, f"output_dir={root / 'one'}"])},
         {"recipe": "beit_tokenizer.py", "args": [*base, f"output_dir={root / 'broken'}"], "faults": "kill_forward=8"},
     ], env=PINNED)
-    return root, base, proc
+    yield root, base, proc, two
+    two.wait()
 
 
 @pytest.mark.slow
-def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process(tokenizer_runs, tmp_path):
-    root, base, first = tokenizer_runs
-    one, two = root / "one", tmp_path / "two"
-    proc = run("beit_tokenizer.py", [*base, f"output_dir={two}"], 4, 2)
+def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process(tokenizer_runs):
+    root, base, first, two_processes = tokenizer_runs
+    one, two = root / "one", root / "two"
+    proc = two_processes.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
     assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
@@ -243,7 +250,7 @@ def test_beit_tokenizer_recipe__two_processes_update_the_codebook_as_one_process
 
 @pytest.mark.slow
 def test_beit_tokenizer_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(tokenizer_runs):
-    root, base, proc = tokenizer_runs
+    root, base, proc, _ = tokenizer_runs
     whole, broken = root / "whole", root / "broken"
     # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 from reliability_common import (  # noqa: E402
+    Background,
     assert_same_tensors,
     checkpoint_state,
     checkpoint_step,
@@ -66,7 +67,7 @@ PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SSL_VIT_ONEDNN_LINEAR
 
 
 def test_dino_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(one_process_runs):
-    root, proc = one_process_runs
+    root, proc, _ = one_process_runs
     whole, broken = root / "whole", root / "broken"
     # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -141,22 +142,25 @@ def run_fixed_views(launcher: Path, out: Path, batch_size: int, processes: int) 
 def one_process_runs(tmp_path_factory):
     """One child process (imports paid once) runs, in order: the uninterrupted run ("whole"), the 1-process
     x 8 fixed-views run of the 2-process comparison ("one"), then the run SIGKILLed inside its 8th training
-    forward (step 7, after the step-6 checkpoint; "broken"), which ends the process."""
+    forward (step 7, after the step-6 checkpoint; "broken"), which ends the process. Meanwhile (in a thread:
+    it needs none of them) the fixed-views 2-process x 4 run of the comparison ("two")."""
     root = tmp_path_factory.mktemp("dino_runs")
     launcher = root / "fixed_views.py"
     launcher.write_text(FIXED_VIEWS_LAUNCHER)
+    two = Background(run_fixed_views, launcher, root / "two", batch_size=4, processes=2)
     proc = launch_sequence([
         {"recipe": "dino_pretrain.py", "args": [*TINY_DINO, f"output_dir={root / 'whole'}"]},
         {"recipe": str(launcher), "args": fixed_views_args(root / "one", batch_size=8), "env": {"ACCELERATE_USE_CPU": "1"}},
         {"recipe": "dino_pretrain.py", "args": [*TINY_DINO, f"output_dir={root / 'broken'}"], "faults": "kill_forward=8"},
     ], env=PINNED)
-    return root, proc
+    yield root, proc, two
+    two.wait()
 
 
-def test_dino_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(one_process_runs, tmp_path):
-    root, first = one_process_runs
-    one, two = root / "one", tmp_path / "two"
-    proc = run_fixed_views(root / "fixed_views.py", two, batch_size=4, processes=2)
+def test_dino_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(one_process_runs):
+    root, first, two_processes = one_process_runs
+    one, two = root / "one", root / "two"
+    proc = two_processes.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
     assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]

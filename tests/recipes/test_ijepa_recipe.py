@@ -18,7 +18,7 @@ from ssl_vit.config import PretrainConfig, load_config
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "ijepa_pretrain.py"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-from reliability_common import launch_sequence, load_recipe  # noqa: E402
+from reliability_common import Background, launch_sequence, load_recipe  # noqa: E402
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("ijepa_*.yaml"))
 # Runs a recipe with faults armed from outside the library (kill_forward=N: SIGKILL inside the N-th forward).
 FAULTY_LAUNCH = ROOT / "tests" / "reliability" / "faulty_launch.py"
@@ -87,18 +87,25 @@ def test_ijepa_vit_huge_imagenet_config__has_the_papers_settings():
 def one_process_runs(tmp_path_factory):
     """One child process (imports paid once) runs the uninterrupted tiny run ("whole", also the 1-process side
     of the 2-process comparison: the same arguments), then the run SIGKILLed inside its 5th forward ("broken":
-    step 5; the last checkpoint is step 3's), which ends the process."""
+    step 5; the last checkpoint is step 3's), which ends the process. Meanwhile (in a thread: it needs none
+    of them) the 2-process run of the comparison ("two")."""
     root = tmp_path_factory.mktemp("ijepa_runs")
+    # `accelerate launch --cpu` starts one process without an accelerate config: torchrun, as the engine's tests.
+    two = Background(
+        launch, root / "two", "train.batch_size=4", env={"ACCELERATE_USE_CPU": "1"},
+        launcher=["torchrun", "--standalone", "--nproc_per_node", "2"],
+    )
     proc = launch_sequence([
         {"recipe": str(RECIPE), "args": [*TINY, f"output_dir={root / 'whole'}"]},
         {"recipe": str(RECIPE), "args": [*TINY, f"output_dir={root / 'broken'}"], "faults": "kill_forward=5"},
     ], env=CHILD_ENV)
-    return root, proc
+    yield root, proc, two
+    two.wait()
 
 
 @pytest.mark.slow
 def test_ijepa_recipe__exports_the_target_encoder_and_a_killed_run_resumes_to_the_same_weights(one_process_runs):
-    root, proc = one_process_runs
+    root, proc, _ = one_process_runs
     whole, broken = root / "whole", root / "broken"
     # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL and (whole / "checkpoint-last").is_dir(), proc.stderr[-3000:]
@@ -121,16 +128,12 @@ def test_ijepa_recipe__exports_the_target_encoder_and_a_killed_run_resumes_to_th
 
 
 @pytest.mark.slow
-def test_ijepa_recipe__two_processes_train_as_one_process_with_the_same_global_batch(one_process_runs, tmp_path):
-    root, first = one_process_runs
-    one, two = root / "whole", tmp_path / "two"  # the 1-process run: the uninterrupted tiny run
+def test_ijepa_recipe__two_processes_train_as_one_process_with_the_same_global_batch(one_process_runs):
+    root, first, two_processes = one_process_runs
+    one, two = root / "whole", root / "two"  # the 1-process run: the uninterrupted tiny run
     # The launch ends in its last, killed run: every run before it (this one too) returned normally.
     assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
-    # `accelerate launch --cpu` starts one process without an accelerate config: torchrun, as the engine's tests.
-    proc = launch(
-        two, "train.batch_size=4", env={"ACCELERATE_USE_CPU": "1"},
-        launcher=["torchrun", "--standalone", "--nproc_per_node", "2"],
-    )
+    proc = two_processes.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(str(one / "checkpoint-last" / "model.safetensors"))
     b = load_file(str(two / "checkpoint-last" / "model.safetensors"))

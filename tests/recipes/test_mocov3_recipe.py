@@ -18,7 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
 
-from reliability_common import backbone_weights, checkpoint_step, launch, launch_sequence, resumed_at  # noqa: E402
+from reliability_common import (  # noqa: E402
+    Background,
+    backbone_weights,
+    checkpoint_step,
+    launch,
+    launch_sequence,
+    resumed_at,
+)
 
 # The default recipe shrunk to seconds: 32 synthetic 16x16 images, batch 8 (4 steps an epoch), 3 epochs
 # = 12 steps, a 2-block 32-wide ViT and 32-wide heads, a checkpoint every 3 steps.
@@ -87,19 +94,25 @@ SGD_ONE_EPOCH = [*TINY, "train.epochs=1", "train.save_every=0", "optim.name=sgd"
 def one_process_runs(tmp_path_factory):
     """One child process (imports paid once) runs, in order: the uninterrupted run ("whole"), the 1-process
     x 8 SGD run of the 2-process comparison ("one"), then the run SIGKILLed inside its 8th forward (step 8,
-    after the step-6 checkpoint; "broken"), which ends the process."""
+    after the step-6 checkpoint; "broken"), which ends the process. Meanwhile (in a thread: it needs none of
+    them) the 2-process x 4 run of the comparison ("two")."""
     root = tmp_path_factory.mktemp("mocov3_runs")
+    two = Background(
+        launch, "mocov3_pretrain.py", *SGD_ONE_EPOCH, "train.batch_size=4", f"output_dir={root / 'two'}",
+        env={"ACCELERATE_USE_CPU": "1"}, launcher=["torchrun", "--standalone", "--nproc_per_node", "2"], timeout=300,
+    )
     proc = launch_sequence([
         {"recipe": "mocov3_pretrain.py", "args": [*TINY, f"output_dir={root / 'whole'}"]},
         {"recipe": "mocov3_pretrain.py", "args": [*SGD_ONE_EPOCH, f"output_dir={root / 'one'}"]},
         {"recipe": "mocov3_pretrain.py", "args": [*TINY, f"output_dir={root / 'broken'}"], "faults": "kill_forward=8"},
     ], timeout=300)
-    return root, proc
+    yield root, proc, two
+    two.wait()
 
 
 @pytest.mark.slow
 def test_mocov3_recipe__killed_in_a_step_and_relaunched__ends_equal_to_an_uninterrupted_run(one_process_runs):
-    root, proc = one_process_runs
+    root, proc, _ = one_process_runs
     whole, broken = root / "whole", root / "broken"
     # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -121,19 +134,16 @@ def test_mocov3_recipe__killed_in_a_step_and_relaunched__ends_equal_to_an_uninte
 
 
 @pytest.mark.slow
-def test_mocov3_recipe__two_processes_x_4_train_as_one_process_x_8(one_process_runs, tmp_path):
+def test_mocov3_recipe__two_processes_x_4_train_as_one_process_x_8(one_process_runs):
     # Keys gathered from both processes (labels offset by rank) and BN statistics over both (as the
     # official SyncBatchNorm): the same computation as one process, up to float summation order.
     # SGD, not AdamW (SGD_ONE_EPOCH).
-    root, first = one_process_runs
+    root, first, two_processes = one_process_runs
     one = root / "one"
     # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
     assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
-    two = tmp_path / "two"
-    proc = launch(
-        "mocov3_pretrain.py", *SGD_ONE_EPOCH, "train.batch_size=4", f"output_dir={two}",
-        env={"ACCELERATE_USE_CPU": "1"}, launcher=["torchrun", "--standalone", "--nproc_per_node", "2"], timeout=300,
-    )
+    two = root / "two"
+    proc = two_processes.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((two / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4 and state["images_seen"] == 32

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # faulty_launch.py: SIGKILL inside a step
 from reliability_common import (  # noqa: E402
+    Background,
     assert_same_tensors,
     checkpoint_state,
     checkpoint_step,
@@ -194,19 +195,27 @@ def run_args(out: Path, batch_size: int = 8, save_every: int = 3) -> list[str]:
 def one_process_runs(tmp_path_factory):
     """One child process (imports paid once) runs, in order: the uninterrupted run ("whole"), the 1-process
     x 8 run of the 2-process comparison ("one", no checkpoints on the way), then the run SIGKILLed inside its
-    8th training forward (step 7, after the step-6 checkpoint; "broken"), which ends the process."""
+    8th training forward (step 7, after the step-6 checkpoint; "broken"), which ends the process. Meanwhile
+    (in a thread: it needs none of them) the 2-process x 4 run of the comparison ("two")."""
     root = tmp_path_factory.mktemp("simmim_runs")
+    # The tiny run with 2 CPU processes (torchrun + gloo, as `accelerate launch` runs them).
+    two = Background(
+        launch, "simmim_pretrain.py", *run_args(root / "two", batch_size=4, save_every=0),
+        env={**PINNED, "ACCELERATE_USE_CPU": "1"}, launcher=["torchrun", "--standalone", "--nproc_per_node", "2"],
+        timeout=300,
+    )
     proc = launch_sequence([
         {"recipe": "simmim_pretrain.py", "args": run_args(root / "whole")},
         {"recipe": "simmim_pretrain.py", "args": run_args(root / "one", save_every=0), "env": {"ACCELERATE_USE_CPU": "1"}},
         {"recipe": "simmim_pretrain.py", "args": run_args(root / "broken"), "faults": "kill_forward=8"},
     ], env=PINNED)
-    return root, proc
+    yield root, proc, two
+    two.wait()
 
 
 @pytest.mark.slow
 def test_simmim_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_run(one_process_runs):
-    root, proc = one_process_runs
+    root, proc, _ = one_process_runs
     whole, broken = root / "whole", root / "broken"
     # The launch ends in its last, killed run: the uninterrupted run before it returned normally.
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -223,14 +232,10 @@ def test_simmim_recipe__killed_mid_step_and_relaunched_ends_as_an_uninterrupted_
 
 
 @pytest.mark.slow
-def test_simmim_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(one_process_runs, tmp_path):
-    root, first = one_process_runs
-    one, two = root / "one", tmp_path / "two"
-    # The tiny run with 2 CPU processes (torchrun + gloo, as `accelerate launch` runs them).
-    proc = launch(
-        "simmim_pretrain.py", *run_args(two, batch_size=4, save_every=0), env={**PINNED, "ACCELERATE_USE_CPU": "1"},
-        launcher=["torchrun", "--standalone", "--nproc_per_node", "2"], timeout=300,
-    )
+def test_simmim_recipe__two_processes_end_with_one_process_weights_at_the_same_global_batch(one_process_runs):
+    root, first, two_processes = one_process_runs
+    one, two = root / "one", root / "two"
+    proc = two_processes.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The launch ends in its last, killed run: every run before it (the 1-process x 8 one too) returned normally.
     assert first.returncode == -signal.SIGKILL and (one / "checkpoint-last").is_dir(), first.stderr[-3000:]
