@@ -42,10 +42,12 @@ _NAMES = [
     "deit_small_distilled_patch16_224",
     "deit_base_distilled_patch16_224",
     "vit_nano_patch4_32",
+    "vit_nano_patch8_32",
     "vit_tiny_patch4_32",
     "vit_small_patch4_32",
     "vit_tiny_patch2_32",
     "deit_nano_distilled_patch4_32",
+    "deit_nano_distilled_patch8_32",
     "deit_tiny_distilled_patch4_32",
 ]
 _TIMM_NATIVE = {n for n in _NAMES if n.endswith("_224")}

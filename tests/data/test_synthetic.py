@@ -61,3 +61,14 @@ def test_render_shapes__shape_stands_out_from_its_background():
     assert (coverage > 0.99).sum(axis=(1, 2)).min() >= 12  # at least a dozen full pixels of shape
     assert np.quantile(np.abs(inside - outside), 0.02) > 40  # 98% of shapes differ by > 40/255
     assert 0.3 < (inside > outside).mean() < 0.7  # brighter or darker than the background at random
+
+
+def test_shape_grid__one_column_per_shape_with_the_images_render_shapes_draws():
+    from ssl_vit.data.synthetic import shape_grid
+
+    grid = shape_grid(rows=2, size=16, seed=5, zoom=2)
+    assert grid.shape == (2 * 16 * 2, len(SHAPES) * 16 * 2, 3) and grid.dtype == np.uint8
+    images = render_shapes(np.tile(np.arange(len(SHAPES)), 2), 16, np.random.default_rng(5))
+    # row 1, column 3 (zoomed x2) is the 14th image drawn: the second image of class 3
+    cell = grid[32:64, 96:128][::2, ::2]
+    assert np.array_equal(cell, images[len(SHAPES) + 3])
