@@ -72,7 +72,7 @@ def test_supervised_default__runs_end_to_end(tmp_path: Path) -> None:
     )
     assert summary["steps"] == 2 and "top1" in summary
     info = json.loads((out / "backbone.json").read_text())
-    assert info["model"]["name"] == "vit_nano_patch4_32" and info["model"]["num_classes"] == 10
+    assert info["model"]["name"] == "vit_nano_patch8_32" and info["model"]["num_classes"] == 10
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_deit_default__trains_its_teacher_first_then_distils(tmp_path: Path) -> 
     assert teacher_info["model"]["name"] == "test_resnet"
     assert summary["steps"] == 2 and "top1" in summary
     student_info = json.loads((out / "backbone.json").read_text())
-    assert student_info["model"]["name"] == "deit_nano_distilled_patch4_32"
+    assert student_info["model"]["name"] == "deit_nano_distilled_patch8_32"
 
     # A second run finds the teacher and leaves it alone.
     before = (out / "teacher" / "backbone.safetensors").stat().st_mtime_ns
