@@ -68,7 +68,9 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Optional[WelchResult]:
     if va + vb == 0.0:
         return None
     t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
-    # Welch-Satterthwaite degrees of freedom.
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    # Welch-Satterthwaite degrees of freedom, (va + vb)^2 / (va^2 / (na - 1) + vb^2 / (nb - 1)), written with
+    # the shares of va + vb so that tiny variances (1e-150) cannot underflow the squares to 0 / 0.
+    wa, wb = va / (va + vb), vb / (va + vb)
+    df = 1.0 / (wa**2 / (len(a) - 1) + wb**2 / (len(b) - 1))
     p = 2.0 * float(_scipy_stats.t.sf(abs(t), df))
     return WelchResult(t=t, df=df, p=min(1.0, p))
