@@ -60,7 +60,7 @@ def test_mocov3_configs__all_three_parse_and_start_with_the_launch_command():
 
 def test_mocov3_default_config__is_synthetic_and_nano():
     cfg = load_config(PretrainConfig, [], default_file=CONFIGS / "mocov3_default.yaml")
-    assert cfg.data.name == "synthetic" and cfg.model.name == "vit_nano_patch4_32"
+    assert cfg.data.name == "synthetic" and cfg.model.name == "vit_nano_patch8_32"
     assert cfg.output_dir == "outputs/mocov3_default"
 
 
