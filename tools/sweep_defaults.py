@@ -4,9 +4,9 @@
     python tools/sweep_defaults.py --plan PLAN --only mae_p4 mae_p8 --threads 1
 
 A plan lists runs (a recipe plus overrides) and random inits; each run is pretrained in its own process,
-then judged by the kNN and linear-probe defaults (features.pool=avg unless the plan says otherwise). The
-table gives, per run: steps, training seconds, images/s, the run's own eval top-1 (supervised / DeiT),
-kNN and linear-probe top-1. A finished run (its sweep_summary.json exists) is not run again. With
+then judged by the kNN and linear-probe defaults (knn_default.yaml, linear_probe_default.yaml) plus the
+plan's eval_overrides. The table gives, per run: steps, training seconds, images/s, the run's own eval top-1
+(supervised / DeiT), kNN and linear-probe top-1. A finished run (its sweep_summary.json exists) is not run again. With
 --threads 1 two sweeps can share a 2-core machine without slowing each other much (accuracy does not
 depend on it; the seconds do: quote them from idle runs only).
 
@@ -14,7 +14,7 @@ Plan (YAML):
     runs:
       - {name: mae_p4, recipe: mae_pretrain, overrides: {mae.decoder_dim: 64}}
     random: [vit_nano_patch4_32]          # random-init rows, one per backbone name
-    eval_overrides: {features.pool: avg}  # for both evaluations
+    eval_overrides: {features.pool: token} # optional, for both evaluations
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     plan = yaml.safe_load(Path(args.plan).read_text())
     out_root = Path(args.out).resolve()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    eval_overrides = plan.get("eval_overrides", {"features.pool": "avg"})
+    eval_overrides = plan.get("eval_overrides", {})
     rows = []
     for run in plan.get("runs", []):
         if args.only is not None and run["name"] not in args.only:

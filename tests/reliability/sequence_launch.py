@@ -7,10 +7,10 @@ tests/distributed/recipe_runs.py does for process groups.
 PLAN.json is a list of runs, each {"recipe": "recipes/x.py" or a launcher script, "args": [...], "env": {...},
 "faults": "..."}; `env` is set for that run only. Each run is run as `python <recipe> <args>` would run it
 (runpy, run_name="__main__"); a launcher script (e.g. one that patches a class, then runs a recipe with runpy)
-gets `args` as its argv. Faults (faulty_launch.py's syntax) are only allowed on the LAST run: they are armed just before it (the wrappers would stay for any run
-after it), and a kill ends the process, so nothing can come after a killed run anyway. Under torchrun
-(`torchrun ... sequence_launch.py PLAN.json`) the runs share one process group; RELIABILITY_RANK=R arms the
-faults on that process only, as in faulty_launch.py.
+gets `args` as its argv. Faults (faulty_launch.py's syntax) are only allowed on the LAST run: they are armed
+just before it (the wrappers would stay for any run after it), and a kill ends the process, so nothing can come
+after a killed run anyway. Under torchrun (`torchrun ... sequence_launch.py PLAN.json`) the runs share one
+process group; RELIABILITY_RANK=R arms the faults on that process only, as in faulty_launch.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faulty_launch import arm, parse_faults  # noqa: E402
+from faulty_launch import arm, parse_faults
 
 
 def main() -> None:
