@@ -449,7 +449,8 @@ def _schema_for(script: Path) -> Optional[type]:
     """The config schema of one of our recipes (to validate a run before launching it), else None."""
     if script.parent.resolve() != RECIPES_DIR.resolve():
         return None
-    if script.stem == "pretrain" or script.stem.endswith("_pretrain"):
+    # Every pretraining recipe reads a PretrainConfig, the tokenizer recipe too (a preset of pretrain.py).
+    if script.stem in ("pretrain", "beit_tokenizer") or script.stem.endswith("_pretrain"):
         from ssl_vit.config import PretrainConfig
 
         return PretrainConfig

@@ -191,3 +191,13 @@ def test_cli__only_with_an_unknown_name_names_the_closest(tmp_path: Path, capsys
     path.write_text(yaml.safe_dump(_plan()))
     assert _tool().main(["--plan", str(path), "--dry-run", "--only", "randm", "--out", str(tmp_path / "o")]) == 2
     assert "did you mean 'random'?" in capsys.readouterr().err
+
+
+def test_images_budget__reads_the_batch_of_the_tokenizer_recipe_config(tmp_path: Path):
+    # beit_tokenizer.py is a pretraining recipe too: its steps come from its config's batch size
+    # (beit_tokenizer_default.yaml: 128), not from the engine's default batch.
+    batch = yaml.safe_load((PRESETS.parent / "beit_tokenizer_default.yaml").read_text())["train"]["batch_size"]
+    plan = plan_from_dict(_plan(budget={"kind": "images", "images": 1000},
+                                pretrain=[{"name": "tok", "recipe": "beit_tokenizer", "evaluate": False}]))
+    (run,) = [r for r in resolve_runs(plan, tmp_path) if r.id == "pretrain/tok"]
+    assert run.budget["images_per_step"] == batch and run.budget["steps"] == 1000 // batch
