@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -43,6 +43,10 @@ class SimMIMConfig:
         32, at_least(1), 'side of a masked square in pixels: a multiple of the ViT patch that divides data.image_size'
     )
     mask_ratio: float = setting(0.6, between(0, 1, open=True), 'the fraction of mask patches masked (rounded up)')
+    # "beit": the official encoder init (BEiT's N(0, 0.02) cut at +-0.02, proj / fc2 divided by sqrt(2 layer)),
+    # tuned for 768-wide encoders; "timm": keep the backbone's own timm init (N(0, 0.02) cut at +-2, as a random
+    # init and the supervised recipe start from), mask token N(0, 0.02).
+    init: Literal["beit", "timm"] = "beit"
 
 
 class MaskedCrop:
@@ -72,8 +76,8 @@ class SimMIM(nn.Module):
         backbone: the shared `ssl_vit.models.ViT` (`num_classes=0`).
         mask_patch_size: side in pixels of the masked squares (paper: 32 over 16-px patches).
         mask_ratio: fraction of the squares masked per sample, rounded up (paper: 0.6).
-    The backbone is initialised as microsoft/SimMIM's encoder (a run from `model.checkpoint` loads its
-    weights afterwards). Batch: `pixel_values` (B, 3, H, W); `mask` (B, N) bool, True = masked (from
+        init: "beit" initialises the backbone as microsoft/SimMIM's encoder; "timm" keeps the backbone's
+            timm init (a run from `model.checkpoint` loads its weights afterwards either way). Batch: `pixel_values` (B, 3, H, W); `mask` (B, N) bool, True = masked (from
     `train_transform`; drawn here when absent).
     """
 
@@ -81,7 +85,9 @@ class SimMIM(nn.Module):
     config_groups: ClassVar[dict[str, type]] = {"simmim": SimMIMConfig}
     loss_eps: ClassVar[float] = 1e-5  # the official loss's epsilon under the masked-pixel count
 
-    def __init__(self, backbone: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6) -> None:
+    def __init__(
+        self, backbone: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6, init: str = "beit"
+    ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"simmim.mask_ratio must be strictly between 0 and 1, got {mask_ratio}: use e.g. 0.6.")
@@ -111,15 +117,21 @@ class SimMIM(nn.Module):
             nn.Conv2d(embed_dim, self.patch_size**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(self.patch_size),
         )
-        self._init_weights()
+        if init not in ("beit", "timm"):
+            raise ValueError(f"simmim.init must be 'beit' (the paper's) or 'timm', got {init!r}.")
+        self._init_weights(init)
 
     # -- initialisation ------------------------------------------------------------------------
 
-    def _init_weights(self) -> None:
-        """microsoft/SimMIM's encoder init (VisionTransformerForSimMIM, from BEiT): `beit_init_`, which
-        also cuts the class token, learned positions and the mask token at +-0.02. The head keeps PyTorch's
-        default Conv2d init, as the official SimMIM module leaves it."""
-        beit_init_(self.backbone, self.mask_token)
+    def _init_weights(self, init: str) -> None:
+        """"beit": microsoft/SimMIM's encoder init (VisionTransformerForSimMIM, from BEiT): `beit_init_`,
+        which also cuts the class token, learned positions and the mask token at +-0.02. "timm": the backbone
+        as created, the mask token N(0, 0.02). The head keeps PyTorch's default Conv2d init, as the official
+        SimMIM module leaves it."""
+        if init == "beit":
+            beit_init_(self.backbone, self.mask_token)
+        else:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     # -- masks ---------------------------------------------------------------------------------
 

@@ -79,6 +79,10 @@ def test_simmim__is_registered_and_builds_from_its_config_group():
 
 def test_simmim_config__every_field_declares_what_it_accepts_and_refuses_the_rest():
     for field in dataclasses.fields(SimMIMConfig):
+        if field.name == "init":  # a choice: the config's Literal type refuses any other name
+            with pytest.raises(ConfigError, match="simmim.init' got 'xavier'.*one of 'beit', 'timm'"):
+                load_config(PretrainConfig, ["objective.name=simmim", "simmim.init=xavier"])
+            continue
         rule, meaning = rule_of(field)
         assert rule is not None and meaning, field.name
         assert rule.accepts(field.default), field.name
@@ -311,6 +315,20 @@ def test_simmim__initialises_the_encoder_as_the_official_code():
     # The fixed sin-cos positions stay as built.
     sincos = tiny_simmim(pos_embed="sincos").backbone
     assert not sincos.pos_embed.requires_grad and sincos.pos_embed.abs().max() > 0.5
+
+
+def test_simmim__timm_init_keeps_the_backbone_as_created():
+    torch.manual_seed(0)
+    created = tiny_backbone()
+    before = {k: v.clone() for k, v in created.state_dict().items()}
+    model = SimMIM(created, mask_patch_size=8, init="timm")
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # timm's N(0, 0.02) cut at +-2 (not BEiT's +-0.02): some qkv weights lie beyond 0.02.
+    assert model.backbone.blocks[0].attn.qkv.weight.abs().max() > 0.03
+    assert 0.01 < model.mask_token.std() < 0.03
+    with pytest.raises(ValueError, match="simmim.init must be 'beit'"):
+        SimMIM(tiny_backbone(), mask_patch_size=8, init="xavier")
 
 
 def test_simmim__exports_the_backbone_with_timm_keys_and_no_mask_token():
