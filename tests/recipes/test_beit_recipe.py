@@ -263,3 +263,22 @@ def test_beit_tokenizer_recipe__killed_mid_step_and_relaunched_ends_as_an_uninte
     assert_same_tensors(load_file(str(broken / "tokenizer.safetensors")), load_file(str(whole / "tokenizer.safetensors")))
     assert json.loads((broken / "tokenizer.json").read_text())["codebook_usage_last_window"] == json.loads(
         (whole / "tokenizer.json").read_text())["codebook_usage_last_window"]
+
+
+def test_default_tokenizer_settings__keep_most_codes_in_use_on_a_patch_level_teacher(tmp_path):
+    """beit_tokenizer_default.yaml's codebook (256 l2-normalised 32-d codes, k-means init, EMA 0.99, commitment
+    1.0), scaled down in data and encoder only, on a ViT teacher (a code per patch): at least half of the codes
+    are used in the last window (the default run's own figure is in its header). A collapse (dead codes after
+    the k-means init) fails here."""
+    torch.manual_seed(0)
+    save_backbone(create_backbone("vit_nano_patch4_32", depth=1, embed_dim=24, num_heads=2, img_size=16, num_classes=0), tmp_path / "teacher")
+    default = config("beit_tokenizer_default.yaml")
+    assert (default.vqkd.codebook_size, default.vqkd.codebook_dim, default.vqkd.decay, default.vqkd.kmeans_init) == (256, 32, 0.99, True)
+    args = ["data.synthetic_train_size=512", "data.synthetic_eval_size=8", "data.image_size=16", "data.num_workers=0",
+            NET, "train.batch_size=32", "train.max_steps=32", "train.save_every=0", "train.log_every=8",
+            "train.vis_every=0", "vqkd.usage_window=16", f"vqkd.teacher={tmp_path / 'teacher'}",
+            "vqkd.train_teacher=null", f"output_dir={tmp_path / 'tok'}"]
+    load_recipe("beit_tokenizer").main(args)
+    info = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert info["codebook_size"] == 256
+    assert info["codebook_usage_last_window"] >= 0.5, info["codebook_usage_last_window"]
