@@ -144,7 +144,10 @@ def decide(run: Run, statuses: dict[str, RunStatus], selected: Optional[set[str]
         return "complete", RunStatus(run.id, "checkpoint", run.checkpoint or "")
     state = run_state(run)
     if state == "complete" and any(statuses[d].state == "ran" for d in run.depends if d in statuses):
-        state = "partial"  # what it judged was just (re)made: judge it again
+        # What it was made from was just (re)made (a DeiT teacher, a BEiT tokenizer, the checkpoint an
+        # evaluation judges): an evaluation judges again; a pretraining trains again from scratch (resuming
+        # its finished checkpoint would keep what the old teacher taught).
+        state = "stale" if run.kind == "pretrain" else "partial"
     if state == "complete":
         marker = read_marker(run)
         job = marker.get("job_id")

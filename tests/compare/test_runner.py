@@ -179,3 +179,18 @@ def test_config_comment_edit__does_not_make_runs_stale(fakes, tmp_path: Path):
     changed = {r.id: r.fingerprint for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
     assert before == after
     assert changed["pretrain/alpha"] != after["pretrain/alpha"] and changed["pretrain/beta"] == after["pretrain/beta"]
+
+
+def test_rerun_teacher__retrains_its_student_from_scratch(fakes, tmp_path: Path):
+    # beta learns from alpha (${alpha}, as DeiT from its teacher): when alpha's settings change, beta's
+    # finished checkpoint was taught by the old alpha, so beta is set aside and trained again, not resumed.
+    raw = _plan(fakes)
+    raw["pretrain"][1]["overrides"]["distill.teacher"] = "${alpha}"
+    run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    raw["pretrain"][0]["overrides"]["train.batch_size"] = 16
+    log: list[str] = []
+    run_comparison(plan_from_dict(raw), tmp_path / "out", echo=log.append)
+    beta = tmp_path / "out" / "pretrain" / "beta"
+    assert beta.with_name("beta.stale-1").is_dir() and any("pretrain/beta" in line and "[stale]" in line for line in log)
+    calls = [c for c in read_calls(fakes["calls"]) if c["script"] == "fake_pretrain"]
+    assert len(calls) == 4  # alpha and beta, then both again
