@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssl_vit.accepts import at_least, between, setting
@@ -29,7 +30,7 @@ from ssl_vit.objectives.masking import cell_masks
 from ssl_vit.objectives.shared import beit_init_, masked_image_crop
 from ssl_vit.viz.simmim import reconstruction_grid
 
-__all__ = ["MaskedCrop", "SimMIM", "SimMIMConfig"]
+__all__ = ["MaskedCrop", "SimMIM", "SimMIMConfig", "norm_targets"]
 
 # microsoft/SimMIM data/data_simmim.py: RandomResizedCrop(scale=(0.67, 1.), ratio=(3/4, 4/3)) + flip.
 CROP_SCALE_MIN = 0.67
@@ -47,6 +48,9 @@ class SimMIMConfig:
     # tuned for 768-wide encoders; "timm": keep the backbone's own timm init (N(0, 0.02) cut at +-2, as a random
     # init and the supervised recipe start from), mask token N(0, 0.02).
     init: Literal["beit", "timm"] = "beit"
+    norm_target_window: int = setting(
+        0, at_least(0), "0: raw pixels (the paper's ViT); odd N: pixels normalised over their NxN window (official NORM_TARGET)"
+    )
 
 
 class MaskedCrop:
@@ -68,6 +72,17 @@ class MaskedCrop:
         return {"pixel_values": pixels, "mask": mask}
 
 
+def norm_targets(targets: torch.Tensor, window: int) -> torch.Tensor:
+    """microsoft/SimMIM's `norm_targets` (NORM_TARGET): each pixel minus the mean of its `window` x `window`
+    neighbourhood (zero padding not counted), over that neighbourhood's unbiased std. (B, C, H, W) -> same."""
+    pool = {"kernel_size": window, "stride": 1, "padding": window // 2}
+    mean = F.avg_pool2d(targets, count_include_pad=False, **pool)
+    square_mean = F.avg_pool2d(targets**2, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(targets), count_include_pad=True, **pool) * window**2  # pixels inside
+    var = ((square_mean - mean**2) * (count / (count - 1))).clamp(min=0.0)
+    return (targets - mean) / (var + 1e-6) ** 0.5
+
+
 @register_objective("simmim")
 class SimMIM(nn.Module):
     """SimMIM objective around a ViT backbone.
@@ -86,7 +101,12 @@ class SimMIM(nn.Module):
     loss_eps: ClassVar[float] = 1e-5  # the official loss's epsilon under the masked-pixel count
 
     def __init__(
-        self, backbone: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6, init: str = "beit"
+        self,
+        backbone: nn.Module,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        init: str = "beit",
+        norm_target_window: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -117,6 +137,9 @@ class SimMIM(nn.Module):
             nn.Conv2d(embed_dim, self.patch_size**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(self.patch_size),
         )
+        if norm_target_window and norm_target_window % 2 == 0:
+            raise ValueError(f"simmim.norm_target_window must be 0 (off) or odd, got {norm_target_window}: use e.g. 7.")
+        self.norm_target_window = int(norm_target_window)
         if init not in ("beit", "timm"):
             raise ValueError(f"simmim.init must be 'beit' (the paper's) or 'timm', got {init!r}.")
         self._init_weights(init)
@@ -179,7 +202,10 @@ class SimMIM(nn.Module):
         mask = batch.get("mask")
         mask = self.make_masks(images) if mask is None else mask.to(device=images.device, dtype=torch.bool)
         rec = self.reconstruct(images, mask).float()  # loss in fp32 under autocast
-        l1 = (images.float() - rec).abs()  # (B, C, H, W)
+        target = images.float()
+        if self.norm_target_window:
+            target = norm_targets(target, self.norm_target_window)  # (B, C, H, W), local mean 0 / std 1
+        l1 = (target - rec).abs()  # (B, C, H, W)
         pix = self.pixel_mask(mask, images.shape[-2:])  # (B, 1, H, W)
         loss = (l1 * pix).sum() / (pix.sum() + self.loss_eps) / self.in_chans
         visible = 1.0 - pix

@@ -34,7 +34,7 @@ from ssl_vit.engine.seeding import isolated_rng
 from ssl_vit.models import create_backbone
 from ssl_vit.objectives import OBJECTIVES, build_objective
 from ssl_vit.objectives.masking import cell_masks, num_masked_cells
-from ssl_vit.objectives.simmim import SimMIM, SimMIMConfig
+from ssl_vit.objectives.simmim import SimMIM, SimMIMConfig, norm_targets
 
 IMG, PATCH, MASK_PATCH = 16, 4, 8  # a 4x4 patch grid tiled by 2x2 cells of 2x2 patches
 N, D = (IMG // PATCH) ** 2, 32
@@ -353,3 +353,36 @@ def test_visualize__a_grid_of_four_tiles_per_image_leaving_mode_and_rng_alone():
     assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state
     again = model.visualize({"pixel_values": b["pixel_values"]}, MEAN, STD)["simmim_reconstruction"]
     assert torch.equal(again, grid)
+
+
+def _official_norm_targets(targets, patch_size):
+    """microsoft/SimMIM models/simmim.py `norm_targets`, transcribed (NORM_TARGET.PATCH_SIZE: odd)."""
+    assert patch_size % 2 == 1
+    targets_ = targets
+    targets_count = torch.ones_like(targets)
+    targets_square = targets**2.0
+    targets_mean = F.avg_pool2d(targets, kernel_size=patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+    targets_square_mean = F.avg_pool2d(targets_square, kernel_size=patch_size, stride=1, padding=patch_size // 2,
+                                       count_include_pad=False)
+    targets_count = F.avg_pool2d(targets_count, kernel_size=patch_size, stride=1, padding=patch_size // 2,
+                                 count_include_pad=True) * (patch_size**2)
+    targets_var = (targets_square_mean - targets_mean**2.0) * (targets_count / (targets_count - 1))
+    targets_var = torch.clamp(targets_var, min=0.0)
+    targets_ = (targets_ - targets_mean) / (targets_var + 1.0e-6) ** 0.5
+    return targets_
+
+
+def test_norm_target__equals_the_official_norm_targets_and_the_loss_reads_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, IMG, IMG) * 2 + 1
+    torch.testing.assert_close(norm_targets(x, 5), _official_norm_targets(x, 5))
+    model = SimMIM(tiny_backbone(), mask_patch_size=MASK_PATCH, norm_target_window=5)
+    mask = torch.zeros(2, (IMG // 4) ** 2, dtype=torch.bool)
+    mask[:, :4] = True
+    batch = {"pixel_values": x, "mask": mask}
+    rec = model.reconstruct(x, mask)
+    pix = model.pixel_mask(mask, x.shape[-2:])
+    expected = ((_official_norm_targets(x, 5) - rec).abs() * pix).sum() / (pix.sum() + 1e-5) / 3
+    torch.testing.assert_close(model(batch)["loss"], expected)
+    with pytest.raises(ValueError, match="norm_target_window must be 0 \\(off\\) or odd"):
+        SimMIM(tiny_backbone(), mask_patch_size=MASK_PATCH, norm_target_window=4)
