@@ -78,7 +78,8 @@ def norm_targets(targets: torch.Tensor, window: int) -> torch.Tensor:
     pool = {"kernel_size": window, "stride": 1, "padding": window // 2}
     mean = F.avg_pool2d(targets, count_include_pad=False, **pool)
     square_mean = F.avg_pool2d(targets**2, count_include_pad=False, **pool)
-    count = F.avg_pool2d(torch.ones_like(targets), count_include_pad=True, **pool) * window**2  # pixels inside
+    ones = targets.new_ones(1, 1, *targets.shape[-2:])  # the count depends on the position only: one plane
+    count = F.avg_pool2d(ones, count_include_pad=True, **pool) * window**2  # (1, 1, H, W): pixels inside
     var = ((square_mean - mean**2) * (count / (count - 1))).clamp(min=0.0)
     return (targets - mean) / (var + 1e-6) ** 0.5
 
@@ -92,8 +93,11 @@ class SimMIM(nn.Module):
         mask_patch_size: side in pixels of the masked squares (paper: 32 over 16-px patches).
         mask_ratio: fraction of the squares masked per sample, rounded up (paper: 0.6).
         init: "beit" initialises the backbone as microsoft/SimMIM's encoder; "timm" keeps the backbone's
-            timm init (a run from `model.checkpoint` loads its weights afterwards either way). Batch: `pixel_values` (B, 3, H, W); `mask` (B, N) bool, True = masked (from
-    `train_transform`; drawn here when absent).
+            timm init (a run from `model.checkpoint` loads its weights afterwards either way).
+        norm_target_window: 0 regresses the raw (normalised-image) pixels; an odd N regresses each pixel
+            normalised by the mean / std of its N x N window (the official NORM_TARGET, `norm_targets`).
+    Batch: `pixel_values` (B, 3, H, W); `mask` (B, N) bool, True = masked (from `train_transform`; drawn
+    here when absent).
     """
 
     needs_labels: ClassVar[bool] = False
@@ -111,6 +115,10 @@ class SimMIM(nn.Module):
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"simmim.mask_ratio must be strictly between 0 and 1, got {mask_ratio}: use e.g. 0.6.")
+        if init not in ("beit", "timm"):
+            raise ValueError(f"simmim.init must be 'beit' (the paper's) or 'timm', got {init!r}.")
+        if norm_target_window and norm_target_window % 2 == 0:
+            raise ValueError(f"simmim.norm_target_window must be 0 (off) or odd, got {norm_target_window}: use e.g. 7.")
         self.backbone = backbone
         self.patch_size: int = backbone.patch_embed.patch_size[0]
         if mask_patch_size % self.patch_size:
@@ -137,11 +145,7 @@ class SimMIM(nn.Module):
             nn.Conv2d(embed_dim, self.patch_size**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(self.patch_size),
         )
-        if norm_target_window and norm_target_window % 2 == 0:
-            raise ValueError(f"simmim.norm_target_window must be 0 (off) or odd, got {norm_target_window}: use e.g. 7.")
         self.norm_target_window = int(norm_target_window)
-        if init not in ("beit", "timm"):
-            raise ValueError(f"simmim.init must be 'beit' (the paper's) or 'timm', got {init!r}.")
         self._init_weights(init)
 
     # -- initialisation ------------------------------------------------------------------------
