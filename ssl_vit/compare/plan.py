@@ -730,12 +730,13 @@ def _budget_overrides(
         return {"train.max_seconds": budget.seconds}, {"kind": "seconds", "seconds": budget.seconds}
     cfg = _resolve_config(script, config, preset, merged, where)
     if cfg is not None:
-        batch, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+        batch, accum, epochs = cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.epochs
     else:  # a script we cannot introspect: read the keys from the plan, else the engine's defaults
         from ssl_vit.engine.config import TrainConfig
 
         batch = int(merged.get("train.batch_size", TrainConfig.batch_size))
         accum = int(merged.get("train.grad_accum_steps", TrainConfig.grad_accum_steps))
+        epochs = int(merged.get("train.epochs", TrainConfig.epochs))
     per_step = batch * accum * nproc
     steps = max(1, int(budget.images) // per_step)
     info = {
@@ -746,8 +747,10 @@ def _budget_overrides(
         "images_given": steps * per_step,
     }
     # max_steps alone ends the run only if the epochs do not end it first: lift the epoch limit so the
-    # step budget decides (the schedule then spans max_steps).
-    return {"train.max_steps": steps, "train.epochs": _EPOCHS_UNBOUNDED}, info
+    # step budget decides. The schedules span max_steps and keep the config's shares: their epochs are
+    # the config's (a warm-up of 1 of 10 epochs is 10% of the steps), not the lifted limit's.
+    info["schedule_epochs"] = epochs
+    return {"train.max_steps": steps, "train.epochs": _EPOCHS_UNBOUNDED, "train.schedule_epochs": epochs}, info
 
 
 # The engine ends a run at the first of train.epochs / train.max_steps; under an images budget the

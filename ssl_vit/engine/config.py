@@ -14,6 +14,11 @@ class TrainConfig:
     # None: no step limit. The first of epochs / max_steps reached ends the run (and the lr schedule
     # is laid out over that many optimizer steps).
     max_steps: Optional[int] = setting(None, at_least(1), 'optimizer steps of the run')
+    # The epochs the schedules count in: an "epoch" of the lr warm-up and of an objective's epoch settings
+    # (DINO's frozen last layer, teacher-temperature warm-up) is total_steps / schedule_epochs steps. None:
+    # train.epochs. tools/compare.py's images budget sets it to the recipe config's epochs when it lifts
+    # train.epochs out of reach, so each run keeps its config's warm-up share (1 of 10 epochs -> 10%).
+    schedule_epochs: Optional[float] = setting(None, positive(), 'epochs the schedules count in; null: train.epochs')
     # Stop once training has run this many seconds (wall time over all sessions): an equal-wall-clock
     # budget (tools/compare.py). The lr schedule still spans epochs / max_steps. None: no time limit.
     max_seconds: Optional[float] = setting(None, positive(), 'seconds of training')

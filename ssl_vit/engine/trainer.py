@@ -226,9 +226,9 @@ class Trainer:
             if self.tc.max_steps is not None:
                 self.total_steps = min(self.total_steps, int(self.tc.max_steps))
         # Schedules follow the run: an "epoch" of every schedule (lr warm-up, an objective's momentum or
-        # temperature) is total_steps / train.epochs optimizer steps, so a run that train.max_steps
-        # shortens keeps each warm-up's share (40 of 400 epochs -> 10% of the steps).
-        self.schedule_steps_per_epoch = self.total_steps / max(self.tc.epochs, 1)
+        # temperature) is total_steps / train.epochs optimizer steps (train.schedule_epochs when set), so a
+        # run that train.max_steps shortens keeps each warm-up's share (40 of 400 epochs -> 10% of the steps).
+        self.schedule_steps_per_epoch = self.total_steps / (self.tc.schedule_epochs or max(self.tc.epochs, 1))
         self.warmup_steps = self._warmup_steps()
         self.pos = _Position()
         self.last_checkpoint: Path | None = None
@@ -257,7 +257,8 @@ class Trainer:
             steps, asked = int(self.oc.warmup_steps), f"optim.warmup_steps={self.oc.warmup_steps}"
         else:
             steps = round(self.oc.warmup_epochs * self.schedule_steps_per_epoch)
-            asked = f"optim.warmup_epochs={self.oc.warmup_epochs:g} of train.epochs={self.tc.epochs}"
+            of = f"train.schedule_epochs={self.tc.schedule_epochs:g}" if self.tc.schedule_epochs else f"train.epochs={self.tc.epochs}"
+            asked = f"optim.warmup_epochs={self.oc.warmup_epochs:g} of {of}"
             if self.steps_per_epoch is not None and self.total_steps < self.tc.epochs * self.steps_per_epoch and steps:
                 log.info(
                     "train.max_steps=%d ends the run before its %d epochs: the lr warm-up keeps its share, "

@@ -201,3 +201,13 @@ def test_images_budget__reads_the_batch_of_the_tokenizer_recipe_config(tmp_path:
                                 pretrain=[{"name": "tok", "recipe": "beit_tokenizer", "evaluate": False}]))
     (run,) = [r for r in resolve_runs(plan, tmp_path) if r.id == "pretrain/tok"]
     assert run.budget["images_per_step"] == batch and run.budget["steps"] == 1000 // batch
+
+
+def test_images_budget__keeps_each_config_s_epochs_for_its_schedules(tmp_path: Path):
+    # The budget lifts train.epochs out of reach so that max_steps decides; the warm-up and an objective's
+    # epoch settings must still count in the recipe config's epochs (supervised_default.yaml: 1 of 10).
+    epochs = yaml.safe_load((PRESETS.parent / "supervised_default.yaml").read_text())["train"]["epochs"]
+    plan = plan_from_dict(_plan(budget={"kind": "images", "images": 1000},
+                                pretrain=[{"name": "sup", "recipe": "supervised_pretrain"}]))
+    (run,) = [r for r in resolve_runs(plan, tmp_path) if r.id == "pretrain/sup"]
+    assert f"train.schedule_epochs={epochs}" in run.args and run.budget["schedule_epochs"] == epochs

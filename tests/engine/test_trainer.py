@@ -246,6 +246,19 @@ def test_warmup__keeps_its_share_when_max_steps_shortens_the_run_and_may_not_fil
         Trainer(cfg, toy_objective(), toy_loader())
 
 
+def test_schedule_epochs__keeps_the_warmup_share_when_the_epoch_limit_is_lifted(tmp_path):
+    """tools/compare.py's images budget: max_steps decides the length, epochs are lifted out of reach, and
+    train.schedule_epochs keeps the config's warm-up share (1 of 10 epochs = 10% of the steps) and the
+    objective's epoch length; without it an epoch would be 16 / 1e6 steps: no warm-up at all."""
+    cfg = toy_config(tmp_path, epochs=1_000_000, max_steps=40, save_every=0)
+    cfg.optim = dataclasses.replace(cfg.optim, warmup_steps=None, warmup_epochs=1.0)
+    assert Trainer(cfg, toy_objective(), toy_loader()).warmup_steps == 0  # the bug the key is for
+    cfg.train = dataclasses.replace(cfg.train, schedule_epochs=10)
+    trainer = Trainer(cfg, toy_objective(), toy_loader())
+    assert trainer.total_steps == 40 and trainer.warmup_steps == 4 and trainer.schedule_steps_per_epoch == 4.0
+    assert trainer.lr_at(2) == pytest.approx(trainer.peak_lr / 2) and trainer.lr_at(4) == pytest.approx(trainer.peak_lr)
+
+
 def test_mae_cifar10_config_shortened_to_1100_steps__peaks_at_step_110(tmp_path):
     """The issue's case: 40 of 400 warm-up epochs keep their 10% when train.max_steps=1100 ends the run."""
     from pathlib import Path
