@@ -44,6 +44,7 @@ TINY = [
     "data.synthetic_train_size=32",
     "data.synthetic_eval_size=8",
     "data.image_size=16",
+    "model.name=vit_nano_patch4_32",
     "model.args={depth: 2, embed_dim: 32, num_heads: 2}",
     "simmim.mask_patch_size=8",
     "train.batch_size=8",
@@ -74,8 +75,9 @@ def test_simmim_configs__all_three_parse_and_start_with_the_launch_command():
         assert first.startswith("# ") and "recipes/simmim_pretrain.py" in first and "->" in first, path.name
         cfg = config(path.name)
         assert cfg.objective.name == "simmim" and cfg.simmim.mask_ratio == 0.6, path.name
-        patch = 16 if "patch16" in cfg.model.name else 4
-        assert cfg.simmim.mask_patch_size == 2 * patch, path.name  # the paper's 32 px over 16-px patches
+        patch = {"patch16": 16, "patch8": 8}.get(cfg.model.name.split("_")[2], 4)
+        # The paper's 32 px masks over 16-px patches; the default's 32-px images keep 8-px patches = masks (header).
+        assert cfg.simmim.mask_patch_size == (patch if path.name == "simmim_default.yaml" else 2 * patch), path.name
         assert cfg.data.image_size % cfg.simmim.mask_patch_size == 0, path.name
         assert tuple(cfg.optim.betas) == (0.9, 0.999) and cfg.optim.weight_decay == 0.05, path.name
         assert cfg.train.clip_grad == 5.0, path.name
@@ -84,7 +86,8 @@ def test_simmim_configs__all_three_parse_and_start_with_the_launch_command():
 def test_simmim_default_config__is_synthetic_nano_and_the_recipes_default():
     cfg = config("simmim_default.yaml")
     assert load_recipe("simmim_pretrain").DEFAULT_CONFIG == CONFIGS / "simmim_default.yaml"
-    assert cfg.data.name == "synthetic" and cfg.model.name == "vit_nano_patch4_32"
+    assert cfg.data.name == "synthetic" and cfg.model.name == "vit_nano_patch8_32"
+    assert cfg.simmim.norm_target_window == 7  # normalised targets: what lifts it above the random init (header)
     assert cfg.output_dir == "outputs/simmim_default"
 
 
