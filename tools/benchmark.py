@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--predictor-depth", type=int, default=None, help="I-JEPA predictor blocks (default: 2 <= 64 px, else 6)")
     g.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement step")
+    g.add_argument(
+        "--no-gemm-peak", action="store_true",
+        help="skip each step's own-GEMM-shape peak (its matrix products replayed alone; about a second per case)",
+    )
     g.add_argument("--out", default=None, help="write the report as JSON here")
 
     parser = argparse.ArgumentParser(
@@ -174,7 +178,7 @@ def _measure(
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     """Loss checks (before any step changes the weights), FLOPs (one step), memory (one step), then the
     interleaved timing rounds."""
-    from ssl_vit.bench import case_rows, count_flops, loss_checks, measure_memory, run_rounds
+    from ssl_vit.bench import case_rows, count_flops, gemm_shape_peak, gemm_shapes, loss_checks, measure_memory, run_rounds
 
     if checks is not None:
         found = loss_checks(cases, rtol=2e-2 if env.precision == "bf16" else 1e-4)
@@ -182,14 +186,16 @@ def _measure(
         log(f"same loss as ours from the same weights: {len(found) - len(bad)} of {len(found)} cases"
             + (f"; DIFFERENT: {', '.join(bad)}" if bad else ""))
         checks += found
-    flops, memory = {}, {}
+    flops, memory, gemm_peaks = {}, {}, {}
     for case in cases:
         flops[case.name] = count_flops(case.flops_fn or case.step)
+        if not args.no_gemm_peak:  # the step's own GEMM shapes, each run alone: the peak those shapes allow
+            gemm_peaks[case.name] = gemm_shape_peak(gemm_shapes(case.flops_fn or case.step), env.device, env.compute_dtype)
         if not args.no_memory and not case.name.startswith("scaling/encoder/"):
             memory[case.name] = measure_memory(case.step, env.device, track=case.track)
     log(f"timing {len(cases)} cases: {rounds} rounds x {steps} steps")
     times = run_rounds(cases, env.device, rounds=rounds, steps=steps, warmup=args.warmup)
-    return case_rows(cases, times, flops, memory, peak, datasheet), times
+    return case_rows(cases, times, flops, memory, peak, datasheet, gemm_peaks), times
 
 
 def _grad_checkpointing(args: argparse.Namespace, env: Any, models: list[str], log: Any) -> list[dict[str, Any]]:

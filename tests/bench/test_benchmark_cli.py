@@ -59,11 +59,13 @@ def test_train__tiny_run_checks_losses_prints_table_and_writes_json(tmp_path, ca
     assert names == {"supervised/ours", "supervised/timm", "mae/ours", "mae/hf"}
     for row in data["cases"]:
         assert row["images_per_s"] > 0 and row["flops_per_step"] > 0 and 0 < row["fraction_of_peak"]
+        # Its own GEMM shapes replayed alone: every product of the step, fewer FLOPs than the whole step.
+        assert 0 < row["gemm_peak"]["gemm_flops"] <= row["flops_per_step"] and row["fraction_of_gemm_peak"] > 0
         assert row["memory"]["kind"] in ("cpu_tensors", "cpu_rss") and row["memory"]["peak_mib"] > 0
         assert row["linear"] == "plain"  # the suite pins PyTorch's linear path: every ratio is like-for-like
     assert [(c["case"], c["same"]) for c in data["loss_checks"]] == [("supervised/timm", True), ("mae/hf", True)]
     assert {t["target"] for t in data["targets"]} >= {
-        "MAE step vs HF ViTMAEForPreTraining (like-for-like)", "MAE step, fraction of the matmul peak",
+        "MAE step vs HF ViTMAEForPreTraining (like-for-like)", "MAE step, fraction of the matmul peak on its GEMM shapes",
     }
     assert data["machine"]["cores"] >= 1 and data["matmul_peak"]["flops_per_s"] > 0 and "isa" in data["machine"]
 
