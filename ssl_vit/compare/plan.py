@@ -58,8 +58,12 @@ class BudgetConfig:
     """What every pretraining gets: equal images seen, equal wall-clock, equal epochs, or its own config."""
 
     # "images": train.max_steps = images // (batch_size * grad_accum_steps * num_processes).
-    # "seconds": train.max_seconds = seconds (the run stops at the first step past the limit).
-    # "epochs": train.epochs = epochs. "none": each recipe's own config decides.
+    # "epochs": train.epochs = epochs. Both keep each config's schedule shares (train.schedule_epochs = its
+    # epochs: a warm-up of 1 of 10 epochs stays 10% of the run).
+    # "seconds": train.max_seconds = seconds: the run stops at the first step past the limit, its schedules
+    # laid out over its config's epochs: a slow method stops mid-schedule (lr not decayed, EMA momentum not
+    # at 1), a fast one may end its epochs before the limit. Read its rows as "what this time buys".
+    # "none": each recipe's own config decides.
     kind: Literal["images", "seconds", "epochs", "none"] = "none"
     images: Optional[int] = setting(None, at_least(1), "images seen by each pretraining")
     seconds: Optional[float] = setting(None, positive(), "training seconds of each pretraining")
@@ -103,8 +107,11 @@ class LauncherConfig:
 
     @property
     def processes(self) -> int:
-        """Processes of one run: 1 (python), num_processes (accelerate), nodes x tasks per node (submitit)."""
+        """Processes of one run: 1 (python), nodes x tasks per node (submitit); accelerate: num_processes, else
+        the config file's `num_processes` (what `accelerate launch` would start), else 1."""
         if self.kind == "accelerate":
+            if self.num_processes is None and self.config_file and Path(self.config_file).is_file():
+                return int((yaml.safe_load(Path(self.config_file).read_text()) or {}).get("num_processes") or 1)
             return self.num_processes or 1
         if self.kind == "submitit":
             return self.nodes * (self.tasks_per_node or max(self.gpus_per_node, 1))
@@ -552,6 +559,12 @@ def resolve_runs(plan: ComparePlan, out: Path) -> list[Run]:
         per_seed.append((names, runs))
     for run in pretrain_runs.values():
         _check_cycle(run, pretrain_runs)
+    # A pretraining made from another (DeiT from its teacher, BEiT from its tokenizer) is stale when that one
+    # changed, whichever invocation re-made it (`--only teacher`, an interrupted plan, a SLURM job that ended
+    # between invocations): the fingerprints of what it depends on are part of its own, in dependency order.
+    for run in _ordered(list(pretrain_runs.values())):
+        if run.depends:
+            run.fingerprint = _fingerprint(None, None, [run.fingerprint], [pretrain_runs[d].fingerprint for d in run.depends])
 
     ordered: list[Run] = []
     for names, runs in per_seed:
@@ -612,11 +625,14 @@ def _pretrain_run(
         # (and so the fingerprint and folder) of a plan without pretrain_seeds, and is reused.
         merged["seed"] = seed
     budget_keys, budget_info = _budget_overrides(plan.budget, script, config, preset, merged, nproc, where)
-    clash = sorted(set(own) & set(budget_keys))
+    # A key the budget sets, given another value by the entry or by shared / pretrain_shared (which the budget
+    # would overwrite without a word). train.schedule_epochs is read from the run's settings: it agrees.
+    clash = sorted(k for k in set(merged) & set(budget_keys) if merged[k] != budget_keys[k])
     if clash:
+        whose = "overrides" if set(clash) & set(own) else "shared settings (shared / pretrain_shared)"
         raise ConfigError(
-            f"{where}.overrides: {', '.join(clash)} is set by the plan's budget ({plan.budget.kind}) so that "
-            f"every method gets the same; remove it from the entry (or change the budget)."
+            f"{where}: {', '.join(clash)} in its {whose} is set by the plan's budget ({plan.budget.kind}) so that "
+            f"every method gets the same; remove it there (or change the budget)."
         )
     exceptions = sorted(k for k in own if k in pre_shared and own[k] != pre_shared[k]) + _eval_exceptions(entry)
     # resume=auto: a run cut short (crash, timeout) continues from checkpoint-last when rerun.
@@ -724,19 +740,27 @@ def _budget_overrides(
     """(overrides the budget adds, a description of what this run gets) for one pretraining run."""
     if budget.kind == "none":
         return {}, {"kind": "none"}
-    if budget.kind == "epochs":
-        return {"train.epochs": budget.epochs}, {"kind": "epochs", "epochs": budget.epochs}
     if budget.kind == "seconds":
         return {"train.max_seconds": budget.seconds}, {"kind": "seconds", "seconds": budget.seconds}
     cfg = _resolve_config(script, config, preset, merged, where)
     if cfg is not None:
-        batch, accum, epochs = cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.epochs
-    else:  # a script we cannot introspect: read the keys from the plan, else the engine's defaults
+        batch, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+        epochs = cfg.train.schedule_epochs or cfg.train.epochs
+    else:  # a script we cannot introspect: the plan's keys, else its config file's, else the engine's defaults
         from ssl_vit.engine.config import TrainConfig
 
-        batch = int(merged.get("train.batch_size", TrainConfig.batch_size))
-        accum = int(merged.get("train.grad_accum_steps", TrainConfig.grad_accum_steps))
-        epochs = int(merged.get("train.epochs", TrainConfig.epochs))
+        train = flatten_overrides(yaml.safe_load(Path(config).read_text()) or {}) if config and Path(config).is_file() else {}
+        train.update(merged)
+
+        def key(name: str) -> Any:
+            value = train.get(f"train.{name}")
+            return getattr(TrainConfig, name) if value is None else value
+
+        batch, accum = int(key("batch_size")), int(key("grad_accum_steps"))
+        epochs = key("schedule_epochs") or int(key("epochs"))
+    if budget.kind == "epochs":  # each run's schedules keep its config's shares of the budget's epochs
+        return ({"train.epochs": budget.epochs, "train.schedule_epochs": epochs},
+                {"kind": "epochs", "epochs": budget.epochs, "schedule_epochs": epochs})
     per_step = batch * accum * nproc
     steps = max(1, int(budget.images) // per_step)
     info = {

@@ -145,9 +145,9 @@ def decide(run: Run, statuses: dict[str, RunStatus], selected: Optional[set[str]
     state = run_state(run)
     if state == "complete" and any(statuses[d].state == "ran" for d in run.depends if d in statuses):
         # What it was made from was just (re)made (a DeiT teacher, a BEiT tokenizer, the checkpoint an
-        # evaluation judges): an evaluation judges again; a pretraining trains again from scratch (resuming
-        # its finished checkpoint would keep what the old teacher taught).
-        state = "stale" if run.kind == "pretrain" else "partial"
+        # evaluation judges): set aside and run again from scratch. Resuming in place would keep the old
+        # work: a pretraining what the old teacher taught, a fine-tune its finished checkpoint-last.
+        state = "stale"
     if state == "complete":
         marker = read_marker(run)
         job = marker.get("job_id")

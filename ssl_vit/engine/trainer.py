@@ -259,7 +259,9 @@ class Trainer:
             steps = round(self.oc.warmup_epochs * self.schedule_steps_per_epoch)
             of = f"train.schedule_epochs={self.tc.schedule_epochs:g}" if self.tc.schedule_epochs else f"train.epochs={self.tc.epochs}"
             asked = f"optim.warmup_epochs={self.oc.warmup_epochs:g} of {of}"
-            if self.steps_per_epoch is not None and self.total_steps < self.tc.epochs * self.steps_per_epoch and steps:
+            if self.tc.schedule_epochs and steps:
+                log.info("the lr warm-up is %d of %d steps (%s).", steps, self.total_steps, asked)
+            elif self.steps_per_epoch is not None and self.total_steps < self.tc.epochs * self.steps_per_epoch and steps:
                 log.info(
                     "train.max_steps=%d ends the run before its %d epochs: the lr warm-up keeps its share, "
                     "%d of %d steps (%s).", self.total_steps, self.tc.epochs, steps, self.total_steps, asked,

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_vit.config import ConfigError
 from ssl_vit.eval.features import Pool, pool_features
 
 __all__ = [
@@ -208,6 +209,24 @@ class LinearProbeObjective(nn.Module):
 # The recipe
 
 
+def _check_features_mode(cfg: Any) -> None:
+    """The features probe trains train.epochs over cached features: the engine's step keys do not reach it."""
+    if cfg.probe.mode != "features":
+        return
+    ignored = [f"train.{k}" for k in ("max_steps", "max_seconds", "schedule_epochs") if getattr(cfg.train, k) is not None]
+    ignored += ["train.grad_accum_steps"] if cfg.train.grad_accum_steps != 1 else []
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(ignored)}: probe.mode=features trains the head for train.epochs over cached features "
+            f"and does not read it. Remove it, set the length with train.epochs, or use probe.mode=augment."
+        )
+    if cfg.optim.warmup_steps is None and cfg.optim.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs:g} is the whole probe (train.epochs={cfg.train.epochs}): "
+            f"the lr would never leave its warm-up. Lower optim.warmup_epochs or raise train.epochs."
+        )
+
+
 def _sweep_blrs(cfg: Any) -> list[float]:
     if cfg.probe.lrs:
         if len(set(cfg.probe.lrs)) != len(cfg.probe.lrs) or min(cfg.probe.lrs) <= 0:
@@ -306,6 +325,7 @@ def run_linear_probe(cfg: Any) -> dict[str, Any]:
 
     start = time.perf_counter()
     check_eval_config(cfg)
+    _check_features_mode(cfg)
     seeds = eval_seeds(cfg)
     blrs = _sweep_blrs(cfg)
     with process_state().local_main_process_first():

@@ -47,9 +47,10 @@ class Objective(Protocol):
     Optional hooks, each called by the engine at one place (`step` = optimizer steps done, 0-based,
     the same after a resume; `total_steps` = the run's planned optimizer steps):
     - `on_train_start(total_steps, steps_per_epoch)`: once per session, after a resume, before the first
-      step. `steps_per_epoch` = total_steps / train.epochs (a float): what one epoch of the objective's
-      schedules lasts, so a run that train.max_steps shortens keeps each warm-up's share (DINO's 30 of
-      100 epochs of teacher-temperature warm-up -> 30% of the steps), as the lr warm-up does.
+      step. `steps_per_epoch` = total_steps / train.epochs (train.schedule_epochs when set; a float):
+      what one epoch of the objective's schedules lasts, so a run that train.max_steps shortens keeps
+      each warm-up's share (DINO's 30 of 100 epochs of teacher-temperature warm-up -> 30% of the
+      steps), as the lr warm-up does.
     - `train_transform(data_cfg) -> Callable[[PIL.Image], Tensor | dict]`: its own training views. A
       tensor becomes `pixel_values`; a dict is merged into the batch (a list of views of different
       sizes collates to a list of batched tensors, as torch's `default_collate`).

@@ -38,7 +38,8 @@ def _tiny_plan(tmp_path: Path) -> dict:
         "evaluations": [
             {"protocol": "knn", "overrides": {"features.cache_dir": "${out}/cache", "knn.ks": [5, 20]}},
             {"protocol": "linear_probe",
-             "overrides": {"features.cache_dir": "${out}/cache", "train": {"epochs": 2, "batch_size": 32}}},
+             "overrides": {"features.cache_dir": "${out}/cache", "train": {"epochs": 2, "batch_size": 32},
+                           "optim.warmup_epochs": 1}},
             # No warm-up: one 2-step epoch is too short for one (the trainer rejects a warm-up as long as the run).
             {"protocol": "finetune", "seeds": [0],
              "overrides": {"train": {"epochs": 1, "batch_size": 32}, "optim.warmup_epochs": 0}},

@@ -80,7 +80,7 @@ def test_unknown_recipe__names_the_closest_recipe(tmp_path: Path):
 def test_budget_key_in_an_entry__is_an_error(tmp_path: Path):
     plan = _plan(budget={"kind": "images", "images": 1000},
                  pretrain=[{"name": "mae", "recipe": "mae_pretrain", "overrides": {"train.max_steps": 5}}])
-    assert "train.max_steps is set by the plan's budget" in _error(plan, tmp_path)
+    assert "train.max_steps in its overrides is set by the plan's budget" in _error(plan, tmp_path)
 
 
 def test_reference_to_a_missing_entry__names_the_closest(tmp_path: Path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import read_calls
 
 from ssl_vit.compare import plan_from_dict, resolve_runs, run_comparison
 from ssl_vit.compare.runner import MARKER, run_state
+from ssl_vit.config import ConfigError
 
 
 def _plan(fakes: dict, **changes) -> dict:
@@ -194,3 +196,55 @@ def test_rerun_teacher__retrains_its_student_from_scratch(fakes, tmp_path: Path)
     assert beta.with_name("beta.stale-1").is_dir() and any("pretrain/beta" in line and "[stale]" in line for line in log)
     calls = [c for c in read_calls(fakes["calls"]) if c["script"] == "fake_pretrain"]
     assert len(calls) == 4  # alpha and beta, then both again
+    # beta's evaluations judged the old beta: set aside and run afresh (a fine-tune resumed in place would
+    # find its finished checkpoint-last and report the old fine-tune).
+    knn = tmp_path / "out" / "eval" / "beta" / "knn"
+    assert knn.with_name("knn.stale-1").is_dir() and any("eval/beta/knn" in line and "[stale]" in line for line in log)
+
+
+def test_teacher_rerun_alone__makes_its_student_stale_at_the_next_invocation(fakes, tmp_path: Path):
+    # `--only alpha` re-makes the teacher and nothing else; the next full invocation must still see that
+    # beta was taught by the old alpha (the teacher's fingerprint is part of beta's), not skip it as complete.
+    raw = _plan(fakes)
+    raw["pretrain"][1]["overrides"]["distill.teacher"] = "${alpha}"
+    run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None)
+    raw["pretrain"][0]["overrides"]["train.batch_size"] = 16
+    run_comparison(plan_from_dict(raw), tmp_path / "out", echo=lambda s: None, only=["alpha"])
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert run_state(runs["pretrain/alpha"]) == "complete" and run_state(runs["pretrain/beta"]) == "stale"
+
+
+def test_images_budget__reads_batch_and_epochs_from_the_config_file_of_a_script_it_cannot_load(fakes, tmp_path: Path):
+    # A script outside recipes/ cannot be loaded in-process: its --config file still says its batch and its
+    # epochs (the schedules' shares), not the engine's defaults (batch 64, 10 epochs).
+    config = tmp_path / "mine.yaml"
+    config.write_text("train:\n  batch_size: 16\n  epochs: 7\n")
+    raw = _plan(fakes)
+    raw["pretrain"][0] = {"name": "alpha", "recipe": str(fakes["pretrain"]), "config": str(config)}
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert "train.max_steps=40" in runs["pretrain/alpha"].args  # 640 / 16
+    assert "train.schedule_epochs=7" in runs["pretrain/alpha"].args
+    raw["pretrain"][0]["overrides"] = {"train.batch_size": 32}  # the plan's keys still win
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert "train.max_steps=20" in runs["pretrain/alpha"].args
+
+
+def test_accelerate_launcher__budgets_the_processes_its_config_file_starts(fakes, tmp_path: Path):
+    config = tmp_path / "multi.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    raw = _plan(fakes, launcher={"kind": "accelerate", "config_file": str(config)})
+    runs = {r.id: r for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert "train.max_steps=5" in runs["pretrain/alpha"].args  # 640 / (32 x 4 processes)
+    assert runs["pretrain/alpha"].budget["images_per_step"] == 128
+
+
+def test_epochs_budget__keeps_each_config_s_schedule_shares(fakes, tmp_path: Path):
+    config = tmp_path / "long.yaml"
+    config.write_text("train:\n  epochs: 30\n")  # its config: a 30-epoch schedule, run for 3 epochs here
+    raw = _plan(fakes, budget={"kind": "epochs", "epochs": 3})
+    raw["pretrain"][0]["config"] = str(config)
+    args = {r.id: r.args for r in resolve_runs(plan_from_dict(raw), tmp_path / "out")}
+    assert "train.epochs=3" in args["pretrain/alpha"] and "train.schedule_epochs=30" in args["pretrain/alpha"]
+    raw["shared"]["train.epochs"] = 5  # a shared key the budget sets: an error, not a silent overwrite
+    with pytest.raises(ConfigError, match=r"train.epochs in its shared settings .* is set by the plan's budget"):
+        resolve_runs(plan_from_dict(raw), tmp_path / "out")

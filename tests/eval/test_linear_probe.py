@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import timm
 import torch
 from torch.utils.data import DataLoader
 
+from ssl_vit.config import ConfigError, load_config
 from ssl_vit.engine.config import OptimConfig
+from ssl_vit.eval.config import LinearProbeEvalConfig
 from ssl_vit.eval.linear_probe import (
     FrozenProbe,
     LinearProbeObjective,
     ProbeHeads,
+    _check_features_mode,
     evaluate_heads,
     train_probe_on_features,
 )
@@ -132,3 +138,22 @@ def test_linear_probe_objective__engine_optimises_only_the_head(tmp_path):
     trainer.fit()
     for k, v in vit.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+DEFAULT = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "linear_probe_default.yaml"
+
+
+@pytest.mark.parametrize("key", ["train.max_steps=5", "train.grad_accum_steps=2", "train.schedule_epochs=3"])
+def test_features_mode__refuses_engine_keys_it_would_ignore(key):
+    # A plan copying the fine-tune column's train.max_steps onto the probe must not be silently ignored.
+    cfg = load_config(LinearProbeEvalConfig, [key], default_file=DEFAULT)
+    with pytest.raises(ConfigError, match=key.split("=")[0] + ".*probe.mode=features"):
+        _check_features_mode(cfg)
+    _check_features_mode(load_config(LinearProbeEvalConfig, [key, "probe.mode=augment"], default_file=DEFAULT))
+
+
+def test_features_mode__refuses_a_warmup_as_long_as_the_probe():
+    cfg = load_config(LinearProbeEvalConfig, ["train.epochs=5", "optim.warmup_epochs=5"], default_file=DEFAULT)
+    with pytest.raises(ConfigError, match="never leave its warm-up"):
+        _check_features_mode(cfg)
+    _check_features_mode(load_config(LinearProbeEvalConfig, ["train.epochs=5", "optim.warmup_epochs=1"], default_file=DEFAULT))
