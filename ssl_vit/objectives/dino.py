@@ -55,6 +55,10 @@ class DINOConfig:
     bottleneck_dim: int = setting(256, at_least(1), "the head's bottleneck width")
     # Weight-normalised last layer with its norm fixed at 1 (the authors set False for ViT-S's best runs).
     norm_last_layer: bool = True
+    # main_dino.py's --use_bn_in_head: BatchNorm after the head's two hidden linears, student and teacher (the
+    # teacher's with batch statistics, as the official teacher in train mode). Per process here (lightly's
+    # DINOProjectionHead too); the official code syncs it across GPUs.
+    use_bn_in_head: bool = False
     # EMA momentum at the first step, cosine to 1 at the last (0.9995 suggested for batch 256).
     momentum_teacher: float = setting(0.996, probability(), "the teacher's EMA momentum at the first step")
     # Teacher temperature: linear from warmup_teacher_temp to teacher_temp over the warm-up epochs.
@@ -195,7 +199,8 @@ class MultiCropTransform:
 
 
 class DINOHead(nn.Module):
-    """3-layer MLP (GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear to out_dim.
+    """3-layer MLP (GELU; with `use_bn` a BatchNorm1d after each hidden Linear) -> bottleneck -> L2
+    normalisation -> weight-normalised linear to out_dim.
 
     Initialised as vision_transformer.py's DINOHead: trunc_normal(0.02) MLP weights, zero biases, the
     last layer's direction PyTorch's default and its norm (`weight_g`) 1, fixed when `norm_last_layer`.
@@ -204,16 +209,21 @@ class DINOHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, norm_last_layer: bool = True
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
+        bn = (lambda: [nn.BatchNorm1d(hidden_dim)]) if use_bn else list  # the official layer order and indices
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.GELU(),
+            nn.Linear(in_dim, hidden_dim), *bn(), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), *bn(), nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
-        )
+        )  # fmt: skip
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -259,6 +269,7 @@ class DINO(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
         momentum_teacher: float = 0.996,
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.04,
@@ -287,7 +298,7 @@ class DINO(nn.Module):
         self.backbone = backbone
         if isinstance(getattr(backbone, "cls_token", None), nn.Parameter):
             trunc_normal_(backbone.cls_token, std=0.02)  # vision_transformer.py's init (timm: N(0, 1e-6))
-        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer)
+        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, use_bn_in_head)
         use_onednn_linears(self.head)
         # Same architecture and weights; copied again from the student at step 0 (after a model.checkpoint loads).
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
@@ -306,6 +317,7 @@ class DINO(nn.Module):
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
         self.teacher.train(False)  # main_dino.py's teacher has no drop path: eval mode turns it off
+        self.teacher["head"].train(mode)  # ... but runs in train mode: its head's BatchNorm uses batch statistics
         return self
 
     def export_backbone(self) -> nn.Module:

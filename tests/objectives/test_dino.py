@@ -162,6 +162,30 @@ def test_dino_head__forward_and_gradients_equal_lightlys_projection_head_with_th
     assert norm.requires_grad is (not norm_last_layer) is ref.last_layer.weight_g.requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")  # lightly's head
+def test_dino_head_with_batch_norm__equals_lightlys_batch_norm_head_in_training():
+    # dino.use_bn_in_head (main_dino.py's --use_bn_in_head): Linear -> BatchNorm -> GELU twice, then the
+    # bottleneck. lightly's Linears before a BatchNorm have no bias; ours (the official head) keep one, zero
+    # at init and cancelled by the batch mean in training anyway.
+    torch.manual_seed(0)
+    ref = DINOProjectionHead(32, 48, 16, 64, batch_norm=True).train()
+    ours = DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16, use_bn=True).train()
+    theirs = ref.state_dict()
+    mine = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+            "weight_v").replace("mlp.", "layers."): k for k in ours.state_dict()}
+    ours.load_state_dict({mine[k]: theirs[k] for k in theirs} | {"mlp.0.bias": torch.zeros(48), "mlp.3.bias": torch.zeros(48)})
+    assert set(mine) - set(theirs) == {"layers.0.bias", "layers.3.bias"}
+    x = torch.randn(8, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.mlp[1].running_mean, ref.layers[1].running_mean)
+
+
+def test_dino_teacher_head__uses_batch_statistics_like_the_official_teacher_in_train_mode():
+    dino = tiny_dino(use_bn_in_head=True).train()
+    assert not dino.teacher["backbone"].training and dino.teacher["head"].training
+    assert not dino.eval().teacher["head"].training
+
+
 def test_dino_head__initialised_as_the_official_head():
     torch.manual_seed(0)
     head = DINOHead(64, 1000, hidden_dim=512, bottleneck_dim=128)
