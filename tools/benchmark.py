@@ -31,6 +31,7 @@ neighbour slows both sides of a ratio alike. Absolute images/s on a shared machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -178,7 +179,7 @@ def _measure(
 ) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     """Loss checks (before any step changes the weights), FLOPs (one step), memory (one step), then the
     interleaved timing rounds."""
-    from ssl_vit.bench import case_rows, count_flops, gemm_shape_peak, gemm_shapes, loss_checks, measure_memory, run_rounds
+    from ssl_vit.bench import GemmRecorder, case_rows, count_flops, gemm_shape_peak, loss_checks, measure_memory, run_rounds
 
     if checks is not None:
         found = loss_checks(cases, rtol=2e-2 if env.precision == "bf16" else 1e-4)
@@ -188,9 +189,11 @@ def _measure(
         checks += found
     flops, memory, gemm_peaks = {}, {}, {}
     for case in cases:
-        flops[case.name] = count_flops(case.flops_fn or case.step)
-        if not args.no_gemm_peak:  # the step's own GEMM shapes, each run alone: the peak those shapes allow
-            gemm_peaks[case.name] = gemm_shape_peak(gemm_shapes(case.flops_fn or case.step), env.device, env.compute_dtype)
+        # One run of the step counts its FLOPs and records its GEMM shapes (each then run alone: their peak).
+        with contextlib.nullcontext() if args.no_gemm_peak else GemmRecorder() as gemms:
+            flops[case.name] = count_flops(case.flops_fn or case.step)
+        if gemms is not None:
+            gemm_peaks[case.name] = gemm_shape_peak(gemms.products, env.device, env.compute_dtype)
         if not args.no_memory and not case.name.startswith("scaling/encoder/"):
             memory[case.name] = measure_memory(case.step, env.device, track=case.track)
     log(f"timing {len(cases)} cases: {rounds} rounds x {steps} steps")

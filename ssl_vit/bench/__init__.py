@@ -7,7 +7,7 @@ references), `profile` (where a step's time goes), `report` (rows, ratios, targe
 """
 
 from ssl_vit.bench.flops import count_flops, extra_flop_formulas
-from ssl_vit.bench.gemm import gemm_shape_peak, gemm_shapes
+from ssl_vit.bench.gemm import GemmRecorder, gemm_shape_peak, gemm_shapes
 from ssl_vit.bench.machine import machine_info, machine_label, matmul_peak
 from ssl_vit.bench.profile import categorize, profile_step
 from ssl_vit.bench.report import case_rows, comparisons, loss_checks, markdown, scaling_rows, targets, write_json
@@ -16,6 +16,7 @@ from ssl_vit.bench.workloads import BenchEnv, WorkloadConfig
 
 __all__ = [
     "BenchEnv",
+    "GemmRecorder",
     "Case",
     "WorkloadConfig",
     "case_rows",

@@ -13,16 +13,15 @@ explains; the rest goes to attention, norms, activations, the optimizer and glue
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssl_vit.bench.machine import sync
+from ssl_vit.bench.machine import best_seconds_per_call
 
-__all__ = ["gemm_shape_peak", "gemm_shapes"]
+__all__ = ["GemmRecorder", "gemm_shape_peak", "gemm_shapes"]
 
 aten = torch.ops.aten
 
@@ -48,7 +47,10 @@ def _kind(op: Any) -> str:
     return "bmm" if op in (aten.bmm, aten.baddbmm) else "onednn"
 
 
-class _Recorder(TorchDispatchMode):
+class GemmRecorder(TorchDispatchMode):
+    """`with GemmRecorder() as r: step()`: r.products counts every matrix product run inside, by shape and
+    layout (it can wrap another mode, e.g. the FLOP counter, so one run of a step serves both)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.products: Counter[Product] = Counter()
@@ -63,7 +65,7 @@ class _Recorder(TorchDispatchMode):
 
 def gemm_shapes(fn: Callable[[], Any]) -> Counter[Product]:
     """Every matrix product of running `fn()` once (forward and backward), counted by shape and layout."""
-    with _Recorder() as recorder:
+    with GemmRecorder() as recorder:
         fn()
     return recorder.products
 
@@ -94,35 +96,19 @@ def _calls(product: Product, device: torch.device, dtype: torch.dtype) -> list[C
     return [lambda: _ONEDNN(a, b, None, "none", [], ""), lambda: torch.mm(a2, b.t())]
 
 
-def _seconds_per_call(call: Callable[[], Any], device: torch.device, min_seconds: float) -> float:
-    """Best of 3 timed batches (each at least `min_seconds` and 3 calls), after 2 warm-up calls."""
-    for _ in range(2):
-        call()
-    sync(device)
-    best = float("inf")
-    for _ in range(3):
-        n, start = 0, time.perf_counter()
-        while n < 3 or time.perf_counter() - start < min_seconds:
-            call()
-            n += 1
-            if n % 8 == 0:
-                sync(device)
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
-
-
 def gemm_shape_peak(
     products: Counter[Product], device: torch.device, dtype: torch.dtype = torch.float32, min_seconds: float = 0.01
 ) -> dict[str, Any]:
     """The step's GEMMs alone: {"flops_per_s", "gemm_flops", "gemm_seconds", "products", "calls"}.
 
-    Each distinct product runs alone (its fastest kernel of those `_calls` tries); the total is weighted
-    by how often the step calls it.
+    Each distinct product runs alone (its fastest kernel of those `_calls` tries; 3 rounds of about
+    `min_seconds` each); the total is weighted by how often the step calls it.
     """
     flops = seconds = 0.0
     for product, count in products.items():
-        per_call = min(_seconds_per_call(c, device, min_seconds) for c in _calls(product, device, dtype))
+        per_call = min(
+            best_seconds_per_call(c, device, 3 * min_seconds, round_s=min_seconds) for c in _calls(product, device, dtype)
+        )
         flops += count * product_flops(product)
         seconds += count * per_call
     return {

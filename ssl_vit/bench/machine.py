@@ -8,11 +8,19 @@ import shutil
 import subprocess
 import time
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["cpu_description", "datasheet_bf16_peak", "machine_info", "machine_label", "matmul_peak", "sync"]
+__all__ = [
+    "best_seconds_per_call",
+    "cpu_description",
+    "datasheet_bf16_peak",
+    "machine_info",
+    "machine_label",
+    "matmul_peak",
+    "sync",
+]
 
 # /proc/cpuinfo flags that decide which GEMM kernels a CPU gets, and how the report names them.
 ISA_FLAGS = (
@@ -152,28 +160,32 @@ def machine_label(info: dict[str, Any]) -> str:
     return f"{cpu}, {info['cores']} cores, {info['torch_threads']} threads, torch {info['torch']} ({where})"
 
 
-def _gemm_rate(fn: Any, a: torch.Tensor, device: torch.device, seconds: float) -> float:
-    """Best FLOP/s of `fn()` (an n x n x n matrix product) over rounds filling `seconds`."""
-    n = a.shape[0]
-    flops = 2.0 * n**3
-    for _ in range(2):  # warm-up: library init, caches, GPU clocks
+def best_seconds_per_call(fn: Callable[[], Any], device: torch.device, seconds: float, round_s: float = 0.1) -> float:
+    """The fastest time of one `fn()` call: after 2 warm-up calls (library init, caches, GPU clocks), rounds
+    of about `round_s` (short enough to catch a quiet moment) until `seconds` have passed; the best round's mean."""
+    for _ in range(2):
         fn()
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     one = max(time.perf_counter() - t0, 1e-6)
-    per_round = max(1, int(0.1 / one))  # rounds of ~0.1 s: short enough to catch a quiet moment
-    best = 0.0
+    per_round = max(1, int(round_s / one))
+    best = float("inf")
     deadline = time.perf_counter() + seconds
     while True:
         start = time.perf_counter()
         for _ in range(per_round):
             fn()
         sync(device)
-        best = max(best, flops * per_round / (time.perf_counter() - start))
+        best = min(best, (time.perf_counter() - start) / per_round)
         if time.perf_counter() >= deadline:
             return best
+
+
+def _gemm_rate(fn: Any, a: torch.Tensor, device: torch.device, seconds: float) -> float:
+    """Best FLOP/s of `fn()` (an n x n x n matrix product) over rounds filling `seconds`."""
+    return 2.0 * a.shape[0] ** 3 / best_seconds_per_call(fn, device, seconds)
 
 
 def matmul_peak(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_vit.bench.gemm import gemm_shape_peak, gemm_shapes, product_flops
+from ssl_vit.bench import count_flops
+from ssl_vit.bench.gemm import GemmRecorder, gemm_shape_peak, gemm_shapes, product_flops
 from ssl_vit.bench.gemm import _operand  # the replay's operands: same shape and layout as recorded
 
 
@@ -46,3 +47,16 @@ def test_gemm_shape_peak__weights_each_product_by_its_calls():
     assert once["gemm_flops"] == 3 * 2 * 64 * 32 * 16 and doubled["gemm_flops"] == 2 * once["gemm_flops"]
     assert once["calls"] == 3 and doubled["calls"] == 6 and once["products"] == doubled["products"] == 3
     assert once["flops_per_s"] == pytest.approx(once["gemm_flops"] / once["gemm_seconds"])
+
+
+def test_recorder_around_the_flop_counter__one_run_gives_both_unchanged():
+    # The benchmark runs a step once under both modes: the products and the FLOPs are those of separate runs.
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(10, 16, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+
+    with GemmRecorder() as recorder:
+        flops = count_flops(step)
+    assert recorder.products == gemm_shapes(step) and flops == count_flops(step) == 3 * 2 * 10 * 16 * 8
