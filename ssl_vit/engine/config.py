@@ -28,8 +28,11 @@ class TrainConfig:
     # None: whatever `accelerate launch` was configured with (default "no"). In YAML write "no" quoted:
     # a bare `no` is read as the boolean false.
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
-    # Clip the global gradient norm to this value; None: no clipping (the norm is still logged).
-    clip_grad: Optional[float] = setting(None, positive(), 'the largest global gradient norm')
+    # Clip the gradient norm to this value; None: no clipping (the global norm is still logged).
+    clip_grad: Optional[float] = setting(None, positive(), 'the largest gradient norm (see train.clip_mode)')
+    # What clip_grad bounds: "global", the norm of all gradients together (torch's clip_grad_norm_, timm,
+    # MAE, BEiT, SimMIM); "per_tensor", each parameter's gradient norm on its own (DINO's utils.clip_gradients).
+    clip_mode: Literal["global", "per_tensor"] = "global"
     # Optimizer steps between checkpoints (checkpoint-last/ and backbone.safetensors); 0: only at the end.
     save_every: int = setting(500, non_negative(), 'optimizer steps between checkpoints; 0: only at the end')
     # "auto": continue from output_dir/checkpoint-last when present; "never" (or null): start afresh;

@@ -188,6 +188,13 @@ class Trainer:
         self.fsdp = acc.distributed_type.value == "FSDP"
         if self.fsdp and self.tc.ema:
             raise ValueError("train.ema is not supported with FSDP (the EMA would need the full weights): set train.ema=false.")
+        if self.tc.clip_mode == "per_tensor" and self.tc.clip_grad is None:
+            raise ConfigError("train.clip_mode=per_tensor clips each gradient to train.clip_grad: set train.clip_grad (DINO: 3.0).")
+        if self.fsdp and self.tc.clip_mode == "per_tensor":
+            raise ValueError(
+                "train.clip_mode=per_tensor is not supported with FSDP (each gradient is sharded across processes): "
+                "use train.clip_mode=global."
+            )
 
         self.batch_size = _loader_batch_size(train_loader, self.tc.batch_size)
         self.effective_batch = self.batch_size * self.tc.grad_accum_steps * acc.num_processes
@@ -662,7 +669,10 @@ class Trainer:
             g["lr"] = self._lr * g.get("lr_scale", 1.0)
             if self.oc.weight_decay_end is not None:
                 g["weight_decay"] = self._wd * g.get("wd_scale", 1.0)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self._max_norm)
+        if self.tc.clip_mode == "per_tensor":
+            grad_norm = self._clip_each_gradient()
+        else:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self._max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         grad_norm = torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
@@ -701,6 +711,22 @@ class Trainer:
                 self.ema.update(self.unwrapped)
             self.window.keep_step(None if norm_bad else grad_norm)
         self._end_optimizer_step()
+
+    @torch.no_grad()
+    def _clip_each_gradient(self) -> torch.Tensor:
+        """DINO's utils.clip_gradients: each parameter's gradient scaled by min(1, clip / (its norm + 1e-6)).
+
+        Returns the global norm before clipping (logged and checked as clip_grad_norm_'s).
+        """
+        self.accelerator.unscale_gradients()  # fp16: without the loss scale first, as clip_grad_norm_ does
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.accelerator.device)
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])  # (T,)
+        scales = (self._max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1: left as it is
+        for g, scale in zip(grads, scales):
+            g.mul_(scale.to(g.dtype))
+        return torch.linalg.vector_norm(norms)
 
     def _end_optimizer_step(self) -> None:
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -231,6 +232,49 @@ def test_weight_decay_end__cosine_from_start_to_end_on_decayed_groups_only_as_di
     for (step, groups), expected in zip(Recording.seen, dino):
         assert groups["decay"] == pytest.approx(expected, rel=1e-6), step
         assert groups["no_decay"] == 0.0
+
+
+def _dino_clip_gradients(model: torch.nn.Module, clip: float) -> list[float]:
+    """facebookresearch/dino utils.clip_gradients, transcribed."""
+    norms = []
+    for _, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def test_clip_mode_per_tensor__clips_each_gradient_as_dino_and_reports_the_global_norm(tmp_path):
+    cfg = toy_config(tmp_path, clip_grad=0.05, clip_mode="per_tensor")
+    trainer = Trainer(cfg, toy_objective(), toy_loader())
+    torch.manual_seed(1)
+    for i, p in enumerate(trainer.model.parameters()):  # norms from far below to far above 0.05
+        p.grad = torch.randn_like(p) * 10.0 ** (i % 5 - 4)
+    reference = copy.deepcopy(trainer.model)  # (a deep copy leaves the gradients behind)
+    for p, q in zip(trainer.model.parameters(), reference.parameters()):
+        q.grad = p.grad.clone()
+    raw_grads = [p.grad.clone() for p in reference.parameters()]
+    raw = torch.stack([g.norm() for g in raw_grads])
+    norms = _dino_clip_gradients(reference, 0.05)
+    assert min(norms) < 0.05 < max(norms)  # some tensors clipped, some left alone
+
+    global_norm = trainer._clip_each_gradient()
+
+    assert global_norm.item() == pytest.approx(raw.norm().item(), rel=1e-5)
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=name)
+    # ... which is not what the global mode gives
+    global_grads = [g * min(1.0, 0.05 / (raw.norm().item() + 1e-6)) for g in raw_grads]
+    assert not all(torch.allclose(g, q.grad) for g, q in zip(global_grads, reference.parameters()))
+
+
+def test_clip_mode_per_tensor__needs_clip_grad(tmp_path):
+    cfg = toy_config(tmp_path, clip_mode="per_tensor")
+    with pytest.raises(ConfigError, match="train.clip_mode=per_tensor .* set train.clip_grad"):
+        Trainer(cfg, toy_objective(), toy_loader())
 
 
 def test_warmup__keeps_its_share_when_max_steps_shortens_the_run_and_may_not_fill_it(tmp_path, caplog):
