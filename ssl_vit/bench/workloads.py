@@ -659,6 +659,9 @@ def dino_cases(cfg: WorkloadConfig, env: BenchEnv, reference: bool = True) -> li
     local = default_local_crop_size(img, patch)
     head = {"out_dim": out_dim, "hidden_dim": cfg.dino_hidden_dim, "bottleneck_dim": cfg.dino_bottleneck_dim}
     ours = build_objective("dino", backbone, local_crops=cfg.local_crops, warmup_teacher_temp_epochs=0.0, **head)
+    # lightly's timm ViT resamples the local crops' positions as timm does: ours too here, so both sides
+    # compute the same loss (DINO's own resampling costs the same).
+    ours.backbone.pos_embed_resample = ours.teacher["backbone"].pos_embed_resample = "timm"
     ours = _maybe_onednn(ours, cfg)
     batch = _dino_views(env, cfg, img, local, cfg.seed)
     info = {"model": cfg.model, "batch_size": cfg.batch_size, "views": 2 + cfg.local_crops, "local_size": local, **head}

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ssl_vit.ops.linear import use_onednn_linears
 
-__all__ = ["ViT", "WeightsMismatchError", "adapt_state_dict", "load_weights", "sincos_pos_embed_2d"]
+__all__ = ["ViT", "WeightsMismatchError", "adapt_state_dict", "dino_interpolate_pos_embed", "load_weights", "sincos_pos_embed_2d"]
 
 
 class WeightsMismatchError(ValueError):
@@ -53,6 +53,24 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: tuple[int, int], num_prefix_t
     return emb.float().unsqueeze(0)
 
 
+def dino_interpolate_pos_embed(
+    pos_embed: torch.Tensor, new_size: tuple[int, int], old_size: tuple[int, int], num_prefix_tokens: int
+) -> torch.Tensor:
+    """facebookresearch/dino's `interpolate_pos_encoding`: (1, P + H*W, D) -> (1, P + h*w, D).
+
+    Bicubic without antialiasing, at scale factor (new + 0.1) / old per axis (the 0.1 keeps the output
+    size exact despite rounding); prefix entries kept; unchanged on the native grid.
+    """
+    if tuple(new_size) == tuple(old_size):
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    (h, w), (gh, gw), d = new_size, old_size, pos_embed.shape[-1]
+    grid = patches.reshape(1, gh, gw, d).permute(0, 3, 1, 2)  # (1, D, H, W)
+    grid = nn.functional.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
+    patches = grid.permute(0, 2, 3, 1).reshape(1, h * w, d)  # (1, h*w, D)
+    return torch.cat([prefix, patches], dim=1)
+
+
 class ViT(VisionTransformer):
     """timm's VisionTransformer with MAE's visible-token encoding and DeiT's distillation token.
 
@@ -61,8 +79,11 @@ class ViT(VisionTransformer):
     `pos_embed` parameter with `requires_grad=False`.
 
     `dynamic_img_size=True` (timm's argument, same numbers as timm's model with it): an input whose
-    patch grid differs from `img_size`'s gets `pos_embed` resampled to its grid (bicubic, antialiased;
-    class / distillation token entries kept), as timm and DINO do. Sin-cos embeddings are resampled
+    patch grid differs from `img_size`'s gets `pos_embed` resampled to its grid (class / distillation
+    token entries kept). `pos_embed_resample` says how: "timm" (the default: timm's
+    `resample_abs_pos_embed`, bicubic with antialiasing) or "dino" (facebookresearch/dino's
+    `interpolate_pos_encoding`: bicubic without antialiasing at scale (new + 0.1) / old; the DINO
+    objective sets it). A plain attribute, not a weight. Sin-cos embeddings are resampled
     too, not recomputed for the new grid: the weights then give timm's features, and a smaller crop
     keeps spanning the same range of positions as the full image. `ids_keep` indexes the input's own
     patch grid (row-major, h * w patches).
@@ -99,6 +120,7 @@ class ViT(VisionTransformer):
             block.attn.fused_attn = True
         use_onednn_linears(self)
         self.spec: dict[str, Any] = {}  # name + overrides, filled by create_backbone
+        self.pos_embed_resample = "timm"  # or "dino": how dynamic_img_size resamples pos_embed
 
     # -- description ---------------------------------------------------------------------------
 
@@ -140,12 +162,11 @@ class ViT(VisionTransformer):
         pos_embed = self.pos_embed  # (1, [P +] N, D)
         if self.dynamic_img_size:
             b, h, w, d = x.shape
-            pos_embed = resample_abs_pos_embed(  # timm's call: a no-op on the native grid
-                pos_embed,
-                new_size=(h, w),
-                old_size=self.patch_embed.grid_size,
-                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-            )
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            if self.pos_embed_resample == "dino":
+                pos_embed = dino_interpolate_pos_embed(pos_embed, (h, w), self.patch_embed.grid_size, prefix)
+            else:  # timm's call: a no-op on the native grid
+                pos_embed = resample_abs_pos_embed(pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size, num_prefix_tokens=prefix)
             x = x.view(b, h * w, d)
         if mask is not None:  # None-ness only: no data-dependent branch (torch.compile, FSDP)
             # SimMIM's VisionTransformerForSimMIM: x * (1 - w) + mask_token * w, before the positions;

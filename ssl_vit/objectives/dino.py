@@ -296,6 +296,8 @@ class DINO(nn.Module):
         self.color_jitter, self.grayscale = tuple(color_jitter), float(grayscale)
 
         self.backbone = backbone
+        if hasattr(backbone, "pos_embed_resample"):  # local crops: vision_transformer.py's interpolate_pos_encoding
+            backbone.pos_embed_resample = "dino"
         if isinstance(getattr(backbone, "cls_token", None), nn.Parameter):
             trunc_normal_(backbone.cls_token, std=0.02)  # vision_transformer.py's init (timm: N(0, 1e-6))
         self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, use_bn_in_head)

@@ -112,3 +112,56 @@ def test_dynamic_img_size__spec_rebuilds_it_and_state_dict_keys_unchanged():
 def test_register_tokens__still_refused_with_the_reason():
     with pytest.raises(ValueError, match="register tokens"):
         create_backbone("vit_nano_patch4_32", reg_tokens=4)
+
+
+def _official_interpolate_pos_encoding(pos_embed: torch.Tensor, patch_size: int, w: int, h: int, npatch: int) -> torch.Tensor:
+    """facebookresearch/dino vision_transformer.py VisionTransformer.interpolate_pos_encoding, transcribed
+    (one class token; `w`, `h` the input's two spatial sizes in pixels)."""
+    import math
+
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode="bicubic",
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("size", [12, 16, 24, 32])
+def test_pos_embed_resample_dino__equals_dinos_interpolate_pos_encoding(size):
+    model, twin = _pair()  # patch 4, 8 x 8 grid
+    model.pos_embed_resample = "dino"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.pos_embed.normal_()  # a rough embedding: where antialiasing would matter most
+        twin.pos_embed.copy_(model.pos_embed)
+    x = torch.randn(2, 3, size, size)
+    grid = (size // 4) ** 2
+    expected_pos = _official_interpolate_pos_encoding(model.pos_embed, 4, size, size, grid)  # (1, 1 + grid, 32)
+    # Official prepare_tokens: patch embeddings after the class token, plus the interpolated positions.
+    with torch.no_grad():
+        tokens = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(x).flatten(1, 2)], dim=1) + expected_pos
+        expected = model.norm(model.blocks(tokens))
+        torch.testing.assert_close(model.forward_features(x), expected, rtol=0, atol=1e-5)
+        if size != 32:  # timm's antialiased resampling gives other positions, so other features
+            assert not torch.allclose(twin.forward_features(x), expected, atol=1e-3)
+
+
+def test_dino_objective__resamples_positions_as_dino_for_student_and_teacher():
+    from ssl_vit.objectives import build_objective
+
+    backbone = create_backbone("vit_nano_patch4_32", dynamic_img_size=True, **SMALL)
+    dino = build_objective("dino", backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8, local_crops=2)
+    assert dino.backbone.pos_embed_resample == "dino" and dino.teacher["backbone"].pos_embed_resample == "dino"
+    assert create_backbone("vit_nano_patch4_32", dynamic_img_size=True, **SMALL).pos_embed_resample == "timm"

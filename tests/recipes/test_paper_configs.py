@@ -210,6 +210,7 @@ PUBLISHED: dict[str, dict[str, tuple[Any, str]]] = {
         "dino.freeze_last_layer_epochs": (1, DINO_MAIN + " --freeze_last_layer"),
         "train.epochs": (100, DINO_MAIN),
         "train.clip_grad": (3.0, DINO_MAIN + " --clip_grad"),
+        "train.clip_mode": ("per_tensor", DINO_MAIN + ": utils.clip_gradients clips each parameter's gradient norm"),
         "@effective_batch": (512, DINO_MAIN + ": its vanilla run, 8 GPUs x --batch_size_per_gpu 64 (the paper's 1,024 is 16 GPUs)"),
         "optim.blr": (5e-4, DINO_MAIN + " --lr (scaled by batch / 256)"),
         "optim.weight_decay": (0.04, DINO_MAIN + " --weight_decay"),
