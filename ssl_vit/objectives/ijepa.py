@@ -26,7 +26,6 @@ each GPU's batch: at ViT-H's 16 x 128 that keeps ~31% of the patches as context 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, ClassVar, Optional
@@ -96,9 +95,13 @@ def ijepa_transform(data_cfg: Any) -> Callable[..., torch.Tensor]:
     return T.Compose([*views, T.ToTensor(), T.Normalize(list(data_cfg.mean), list(data_cfg.std))])
 
 
-def _init_vit_weights(module: nn.Module, blocks: nn.Module, std: float = 0.02) -> None:
-    """The official init: truncated-normal linears and convs, unit LayerNorms, and each block's output
-    projections (attn.proj, mlp.fc2) scaled by 1 / sqrt(2 * layer) (fix_init_weight)."""
+def _init_vit_weights(module: nn.Module, std: float = 0.02) -> None:
+    """The official init as training starts: truncated-normal linears and convs with zero biases, unit LayerNorms.
+
+    The official constructors also divide each block's attn.proj and mlp.fc2 by sqrt(2 * layer)
+    (fix_init_weight), but src/helper.py's init_model then redraws every Linear and LayerNorm, which undoes
+    it: the encoder and predictor train from the plain init.
+    """
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             trunc_normal_(m.weight, std=std)
@@ -107,10 +110,6 @@ def _init_vit_weights(module: nn.Module, blocks: nn.Module, std: float = 0.02) -
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        for layer, block in enumerate(blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 class IJEPAPredictor(nn.Module):
@@ -135,7 +134,7 @@ class IJEPAPredictor(nn.Module):
             block.attn.fused_attn = True  # F.scaled_dot_product_attention, like the backbone
         self.predictor_norm = norm_layer(dim)
         self.predictor_proj = nn.Linear(dim, embed_dim)
-        _init_vit_weights(self, self.predictor_blocks)
+        _init_vit_weights(self)
         trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, context: torch.Tensor, context_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -223,7 +222,7 @@ class IJEPA(nn.Module):
         self.momentum_start, self.momentum_end = float(momentum), float(momentum_end)
         self.momentum = self.momentum_start  # this step's, set by on_step_start
 
-        _init_vit_weights(backbone, backbone.blocks)
+        _init_vit_weights(backbone)
         self.target_encoder = copy.deepcopy(backbone).requires_grad_(False)
         self.predictor = IJEPAPredictor(backbone.embed_dim, self.grid_size, predictor_dim, predictor_depth, heads)
         use_onednn_linears(self.predictor)

@@ -314,3 +314,17 @@ def test_ijepa_transform__crops_to_the_image_size_without_flips_when_hflip_is_of
     assert crop.scale == (0.3, 1.0) and len(transform.transforms) == 3  # crop, to tensor, normalise
     assert transform(Image.new("RGB", (40, 30))).shape == (3, 16, 16)
     assert math.isclose(ijepa_transform(DataConfig(crop_scale_min=0.5)).transforms[0].scale[0], 0.5)
+
+
+def test_init__every_linear_starts_as_init_model_leaves_it_without_the_depth_rescale():
+    """src/helper.py's init_model redraws every nn.Linear of encoder and predictor as trunc_normal(0.02) with
+    zero bias after the constructors' fix_init_weight, so the last blocks' attn.proj / mlp.fc2 are not
+    divided by sqrt(2 * layer) when training starts."""
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_nano_patch4_32", depth=4, num_classes=0)
+    obj = tiny_ijepa(backbone, predictor_dim=64, predictor_depth=4)  # 4 blocks: the rescale would be 1.4-2.8x
+    for blocks in (obj.backbone.blocks, obj.predictor.predictor_blocks):
+        for block in blocks:
+            for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1)
+                assert torch.count_nonzero(linear.bias) == 0
