@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vit.accepts import Range, at_least, between, setting
+from ssl_vit.accepts import Range, at_least, between, non_negative, setting
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.beit_masking import blockwise_mask, num_block_masked
 from ssl_vit.objectives.shared import beit_init_, masked_image_crop
@@ -52,6 +52,8 @@ class BEiTConfig:
     mask_ratio: float = setting(0.4, between(0, 1, open=True), 'fraction of patches masked (rounded; paper 75 of 196)')
     min_block_patches: int = setting(16, at_least(1), 'smallest masked block, in patches (paper 16 of 196)')
     min_aspect: float = setting(0.3, Range(0, 1, low_open=True), 'block aspect range: min_aspect .. 1 / min_aspect')
+    # DataAugmentationForBEiT's ColorJitter(0.4, 0.4, 0.4) on every image, before the crop; 0: none.
+    color_jitter: float = setting(0.4, non_negative(), 'brightness / contrast / saturation jitter of every view')
 
 
 class BlockMaskedCrop:
@@ -89,6 +91,7 @@ class BEiT(nn.Module):
             the recipe; here it only improves the error message).
         codebook_size: the head's classes; must equal the tokenizer's.
         mask_ratio, min_block_patches, min_aspect: the block-wise masking.
+        color_jitter: ColorJitter(c, c, c) on every image before the crop (the official 0.4).
     Batch: `pixel_values` (B, 3, H, W); `mask` (B, N) bool, True = masked (from `train_transform`; drawn
     here from torch's stream when absent).
     forward -> {"loss" (CE on masked positions), "mlm_acc" (top-1 of the masked codes), "mask_ratio"}.
@@ -106,6 +109,7 @@ class BEiT(nn.Module):
         mask_ratio: float = 0.4,
         min_block_patches: int = 16,
         min_aspect: float = 0.3,
+        color_jitter: float = 0.4,
     ) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -128,6 +132,7 @@ class BEiT(nn.Module):
                 f"{self.num_patches}: scale it with the grid (paper 16 of 196; e.g. 5 for an 8x8 grid)."
             )
         self.mask_ratio, self.min_block, self.min_aspect = float(mask_ratio), int(min_block_patches), float(min_aspect)
+        self.color_jitter = float(color_jitter)
         self.num_prefix_tokens: int = backbone.num_prefix_tokens
         self.tokenizer = tokenizer if isinstance(tokenizer, nn.Module) else load_tokenizer(tokenizer)
         self.tokenizer.requires_grad_(False)
@@ -165,10 +170,10 @@ class BEiT(nn.Module):
     # -- masks ---------------------------------------------------------------------------------
 
     def train_transform(self, data_cfg: Any) -> BlockMaskedCrop:
-        """BEiT's crop (scale from data.crop_scale_min, paper 0.08) + flip, and a block-wise mask per image."""
+        """BEiT's colour jitter + crop (scale from data.crop_scale_min, paper 0.08) + flip, and a block-wise mask per image."""
         side = data_cfg.image_size // self.patch_size
         return BlockMaskedCrop(
-            masked_image_crop(data_cfg, CROP_SCALE_MIN),
+            masked_image_crop(data_cfg, CROP_SCALE_MIN, self.color_jitter),
             grid_size=(side, side),
             num_masked=num_block_masked(side * side, self.mask_ratio),
             min_block=self.min_block,

@@ -111,12 +111,15 @@ def beit_init_(
 # -- the masked-image view ------------------------------------------------------------------------
 
 
-def masked_image_crop(data_cfg: Any, paper_scale_min: float) -> T.Compose:
-    """PIL image -> (3, S, S): RandomResizedCrop(scale_min-1, ratio 3/4-4/3) + flip + normalisation, BEiT's and
-    SimMIM's view (microsoft/unilm beit, microsoft/SimMIM data_simmim.py). `data.crop_scale_min` None: the
+def masked_image_crop(data_cfg: Any, paper_scale_min: float, color_jitter: float = 0.0) -> T.Compose:
+    """PIL image -> (3, S, S): [ColorJitter(c, c, c)] + RandomResizedCrop(scale_min-1, ratio 3/4-4/3) + flip +
+    normalisation, BEiT's and SimMIM's view (microsoft/unilm beit2 datasets.py DataAugmentationForBEiT, which
+    always jitters by 0.4 first; microsoft/SimMIM data_simmim.py, no jitter). `data.crop_scale_min` None: the
     paper's `paper_scale_min`; `data.image_size`, `.interpolation`, `.hflip`, `.mean`, `.std` apply."""
     scale_min = paper_scale_min if data_cfg.crop_scale_min is None else data_cfg.crop_scale_min
+    jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
     return T.Compose([
+        *jitter,
         T.RandomResizedCrop(data_cfg.image_size, scale=(scale_min, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=T.InterpolationMode(data_cfg.interpolation)),
         T.RandomHorizontalFlip(data_cfg.hflip),

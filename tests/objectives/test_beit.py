@@ -179,7 +179,7 @@ def test_beit__without_masks_in_the_batch_draws_block_masks_with_the_exact_count
 def test_train_transform__paper_crop_and_a_per_sample_block_mask_seeded_like_the_crop():
     model = tiny_beit()
     transform = model.train_transform(DataConfig(image_size=IMG, mean=MEAN, std=STD))
-    assert transform.crop.transforms[0].scale == (0.08, 1.0)  # the paper's crop
+    assert transform.crop.transforms[1].scale == (0.08, 1.0)  # the paper's crop
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8))
     with isolated_rng(7):
         a = transform(image)
@@ -195,6 +195,26 @@ def test_train_transform__paper_crop_and_a_per_sample_block_mask_seeded_like_the
         with isolated_rng(seed):
             masks.append(tuple(transform(image)["mask"].tolist()))
     assert len(set(masks)) > 10 and c is not None
+
+
+def test_train_transform__jitters_colour_first_as_data_augmentation_for_beit():
+    """microsoft/unilm beit2 datasets.py DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) on every image, then
+    the flip and the crop; beit.color_jitter=0 leaves the colours alone."""
+    import torchvision.transforms as T
+
+    data = DataConfig(image_size=IMG, mean=MEAN, std=STD)
+    jitter = tiny_beit().train_transform(data).crop.transforms[0]
+    official = T.ColorJitter(0.4, 0.4, 0.4)
+    assert isinstance(jitter, T.ColorJitter)
+    for key in ("brightness", "contrast", "saturation", "hue"):
+        assert getattr(jitter, key) == getattr(official, key), key
+    image = Image.fromarray(np.full((IMG, IMG, 3), 128, dtype=np.uint8))  # flat grey: only colour can change
+    plain = tiny_beit(color_jitter=0.0).train_transform(data)
+    assert not any(isinstance(t, T.ColorJitter) for t in plain.crop.transforms)
+    jittered = tiny_beit().train_transform(data)
+    with isolated_rng(0):
+        means = {round(float(jittered(image)["pixel_values"].mean()), 4) for _ in range(5)}
+    assert len(means) > 1 and len({round(float(plain(image)["pixel_values"].mean()), 4) for _ in range(5)}) == 1
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -302,6 +302,8 @@ PUBLISHED: dict[str, dict[str, tuple[Any, str]]] = {
         "optim.betas": ((0.9, 0.999), BEIT2_PRETRAIN + " --opt_betas 0.9 0.999"),
         "optim.eps": (1e-8, BEIT2_PRETRAIN + " --opt_eps 1e-8"),
         "optim.weight_decay": (0.05, BEIT_PAPER + "; ../shared/PROTOCOLS.md"),
+        "optim.min_lr": (1e-5, BEIT2_SCRIPT + " --min_lr default 1e-5 (PRETRAINING.md keeps it)"),
+        "beit.color_jitter": (0.4, "beit2/datasets.py DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4)"),
         "@result": (("85.5", "80.1"), "BEiT v2 paper: ViT-B/16 1600 ep fine-tune 85.5, linear 80.1"),
     },
     "beit_tokenizer_vit_base_imagenet.yaml": {
