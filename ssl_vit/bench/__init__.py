@@ -16,8 +16,8 @@ from ssl_vit.bench.workloads import BenchEnv, WorkloadConfig
 
 __all__ = [
     "BenchEnv",
-    "GemmRecorder",
     "Case",
+    "GemmRecorder",
     "WorkloadConfig",
     "case_rows",
     "categorize",

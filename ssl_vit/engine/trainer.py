@@ -189,7 +189,9 @@ class Trainer:
         if self.fsdp and self.tc.ema:
             raise ValueError("train.ema is not supported with FSDP (the EMA would need the full weights): set train.ema=false.")
         if self.tc.clip_mode == "per_tensor" and self.tc.clip_grad is None:
-            raise ConfigError("train.clip_mode=per_tensor clips each gradient to train.clip_grad: set train.clip_grad (DINO: 3.0).")
+            raise ConfigError(
+                "train.clip_mode=per_tensor clips each gradient to train.clip_grad: set train.clip_grad (DINO: 3.0)."
+            )
         if self.fsdp and self.tc.clip_mode == "per_tensor":
             raise ValueError(
                 "train.clip_mode=per_tensor is not supported with FSDP (each gradient is sharded across processes): "

@@ -25,7 +25,14 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ssl_vit.ops.linear import use_onednn_linears
 
-__all__ = ["ViT", "WeightsMismatchError", "adapt_state_dict", "dino_interpolate_pos_embed", "load_weights", "sincos_pos_embed_2d"]
+__all__ = [
+    "ViT",
+    "WeightsMismatchError",
+    "adapt_state_dict",
+    "dino_interpolate_pos_embed",
+    "load_weights",
+    "sincos_pos_embed_2d",
+]
 
 
 class WeightsMismatchError(ValueError):
@@ -163,10 +170,11 @@ class ViT(VisionTransformer):
         if self.dynamic_img_size:
             b, h, w, d = x.shape
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            grid = self.patch_embed.grid_size
             if self.pos_embed_resample == "dino":
-                pos_embed = dino_interpolate_pos_embed(pos_embed, (h, w), self.patch_embed.grid_size, prefix)
+                pos_embed = dino_interpolate_pos_embed(pos_embed, (h, w), grid, prefix)
             else:  # timm's call: a no-op on the native grid
-                pos_embed = resample_abs_pos_embed(pos_embed, new_size=(h, w), old_size=self.patch_embed.grid_size, num_prefix_tokens=prefix)
+                pos_embed = resample_abs_pos_embed(pos_embed, new_size=(h, w), old_size=grid, num_prefix_tokens=prefix)
             x = x.view(b, h * w, d)
         if mask is not None:  # None-ness only: no data-dependent branch (torch.compile, FSDP)
             # SimMIM's VisionTransformerForSimMIM: x * (1 - w) + mask_token * w, before the positions;

@@ -170,7 +170,8 @@ class BEiT(nn.Module):
     # -- masks ---------------------------------------------------------------------------------
 
     def train_transform(self, data_cfg: Any) -> BlockMaskedCrop:
-        """BEiT's colour jitter + crop (scale from data.crop_scale_min, paper 0.08) + flip, and a block-wise mask per image."""
+        """BEiT's colour jitter + crop (scale from data.crop_scale_min, paper 0.08) + flip, and a block-wise mask
+        per image."""
         side = data_cfg.image_size // self.patch_size
         return BlockMaskedCrop(
             masked_image_crop(data_cfg, CROP_SCALE_MIN, self.color_jitter),

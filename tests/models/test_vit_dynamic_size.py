@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
 from ssl_vit.models import create_backbone, sincos_pos_embed_2d
+from ssl_vit.objectives import build_objective
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=2, num_classes=0)  # 2 blocks, 32 wide: fast on 2 cores
 SIZES = [(32, 32), (16, 16), (24, 24), (48, 48), (16, 32)]  # native 32, smaller (DINO's local crops), larger, oblong
@@ -114,11 +117,11 @@ def test_register_tokens__still_refused_with_the_reason():
         create_backbone("vit_nano_patch4_32", reg_tokens=4)
 
 
-def _official_interpolate_pos_encoding(pos_embed: torch.Tensor, patch_size: int, w: int, h: int, npatch: int) -> torch.Tensor:
+def _official_interpolate_pos_encoding(
+    pos_embed: torch.Tensor, patch_size: int, w: int, h: int, npatch: int
+) -> torch.Tensor:
     """facebookresearch/dino vision_transformer.py VisionTransformer.interpolate_pos_encoding, transcribed
     (one class token; `w`, `h` the input's two spatial sizes in pixels)."""
-    import math
-
     N = pos_embed.shape[1] - 1
     if npatch == N and w == h:
         return pos_embed
@@ -151,7 +154,8 @@ def test_pos_embed_resample_dino__equals_dinos_interpolate_pos_encoding(size):
     expected_pos = _official_interpolate_pos_encoding(model.pos_embed, 4, size, size, grid)  # (1, 1 + grid, 32)
     # Official prepare_tokens: patch embeddings after the class token, plus the interpolated positions.
     with torch.no_grad():
-        tokens = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(x).flatten(1, 2)], dim=1) + expected_pos
+        patches = model.patch_embed(x).flatten(1, 2)  # (2, grid, 32)
+        tokens = torch.cat([model.cls_token.expand(2, -1, -1), patches], dim=1) + expected_pos
         expected = model.norm(model.blocks(tokens))
         torch.testing.assert_close(model.forward_features(x), expected, rtol=0, atol=1e-5)
         if size != 32:  # timm's antialiased resampling gives other positions, so other features
@@ -159,8 +163,6 @@ def test_pos_embed_resample_dino__equals_dinos_interpolate_pos_encoding(size):
 
 
 def test_dino_objective__resamples_positions_as_dino_for_student_and_teacher():
-    from ssl_vit.objectives import build_objective
-
     backbone = create_backbone("vit_nano_patch4_32", dynamic_img_size=True, **SMALL)
     dino = build_objective("dino", backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8, local_crops=2)
     assert dino.backbone.pos_embed_resample == "dino" and dino.teacher["backbone"].pos_embed_resample == "dino"

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
 
 from ssl_vit.accepts import rule_of
 from ssl_vit.config import ConfigError, PretrainConfig, load_config
@@ -200,8 +201,6 @@ def test_train_transform__paper_crop_and_a_per_sample_block_mask_seeded_like_the
 def test_train_transform__jitters_colour_first_as_data_augmentation_for_beit():
     """microsoft/unilm beit2 datasets.py DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) on every image, then
     the flip and the crop; beit.color_jitter=0 leaves the colours alone."""
-    import torchvision.transforms as T
-
     data = DataConfig(image_size=IMG, mean=MEAN, std=STD)
     jitter = tiny_beit().train_transform(data).crop.transforms[0]
     official = T.ColorJitter(0.4, 0.4, 0.4)
