@@ -8,7 +8,14 @@ from ssl_vit.models.registry import (
     list_backbones,
     timm_spec_for,
 )
-from ssl_vit.models.vit import ViT, WeightsMismatchError, adapt_state_dict, load_weights, sincos_pos_embed_2d
+from ssl_vit.models.vit import (
+    ViT,
+    WeightsMismatchError,
+    adapt_state_dict,
+    block_tail,
+    load_weights,
+    sincos_pos_embed_2d,
+)
 
 __all__ = [
     "SIZES",
@@ -16,6 +23,7 @@ __all__ = [
     "ViT",
     "WeightsMismatchError",
     "adapt_state_dict",
+    "block_tail",
     "create_backbone",
     "create_model",
     "list_backbones",

@@ -10,7 +10,9 @@ Additions over timm, all key-compatible with timm's state dicts:
 - fixed 2-D sin-cos position embeddings (MAE) as an alternative to learned ones;
 - `dynamic_img_size=True` as in timm: inputs of any size divisible by the patch size (DINO's local
   crops), position embeddings resampled to each input's patch grid;
-- its linear layers take oneDNN's CPU path where that measures faster (`ssl_vit.ops.linear`).
+- its linear layers take oneDNN's CPU path where that measures faster (`ssl_vit.ops.linear`);
+- `block_tail(block, x, start)`: a timm Block's output for the tokens from `start` on only (MAE's decoder
+  needs its last block for the masked tokens alone).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ssl_vit.ops.linear import use_onednn_linears
 
@@ -29,6 +32,7 @@ __all__ = [
     "ViT",
     "WeightsMismatchError",
     "adapt_state_dict",
+    "block_tail",
     "dino_interpolate_pos_embed",
     "load_weights",
     "sincos_pos_embed_2d",
@@ -76,6 +80,30 @@ def dino_interpolate_pos_embed(
     grid = nn.functional.interpolate(grid, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic")
     patches = grid.permute(0, 2, 3, 1).reshape(1, h * w, d)  # (1, h*w, D)
     return torch.cat([prefix, patches], dim=1)
+
+
+def block_tail(block: Block, x: torch.Tensor, start: int) -> torch.Tensor:
+    """`block(x)[:, start:]` for a timm `Block`, computing only what those tokens need.
+
+    Every token's keys and values still enter the attention; the queries, the output projection, the
+    residuals and the MLP run for tokens `start:` only. (B, N, C) -> (B, N - start, C). Blocks with a
+    gated attention (not ViT's) take the plain forward and slice.
+    """
+    attn = block.attn
+    if type(block) is not Block or getattr(attn, "gate", None) is not None:
+        return block(x)[:, start:]
+    b, n, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
+    q, k = attn.q_norm(q[:, :, start:]), attn.k_norm(k)  # queries (B, H, N - start, hd)
+    drop = attn.attn_drop.p if block.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, H, N - start, hd)
+    out = out.transpose(1, 2).reshape(b, n - start, -1)  # (B, N - start, H * hd)
+    if getattr(attn, "norm", None) is not None:  # newer timm's optional norm before the projection
+        out = attn.norm(out)
+    out = attn.proj_drop(attn.proj(out))
+    x = x[:, start:] + block.drop_path1(block.ls1(out))  # (B, N - start, C)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 class ViT(VisionTransformer):

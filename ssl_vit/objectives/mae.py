@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from ssl_vit.models import sincos_pos_embed_2d
+from ssl_vit.models import block_tail, sincos_pos_embed_2d
 from ssl_vit.ops.linear import use_onednn_linears
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.masking import gather_tokens, num_visible, patchify, random_masking
@@ -192,17 +192,43 @@ class MAE(nn.Module):
             target = (target - mean) / (var + self.norm_pix_eps) ** 0.5
         return target
 
+    def decode_masked(self, latent: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
+        """Predict the masked patches only: latent (B, P + K, D), ids_shuffle (B, N) -> (B, N - K, p*p*3).
+
+        The same predictions as `decode` (which unshuffles the tokens into patch order first): the tokens
+        stay in shuffled order [prefix, visible, masked], each with its own patch's position embedding,
+        and the last decoder block, the norm and the pixel head run for the masked tokens alone.
+        """
+        p = self.num_prefix_tokens
+        x = self.decoder_embed(latent)  # (B, P + K, Dd)
+        b, k = x.shape[0], x.shape[1] - p
+        pos = self.decoder_pos_embed.to(x.dtype)  # (1, P + N, Dd)
+        mask_tokens = self.mask_token.to(x.dtype).expand(b, self.num_patches - k, -1)  # (B, N - K, Dd)
+        patches = torch.cat([x[:, p:], mask_tokens], dim=1)  # (B, N, Dd), shuffled order
+        patches = patches + gather_tokens(pos[:, p:].expand(b, -1, -1), ids_shuffle)  # each its position
+        x = torch.cat([x[:, :p] + pos[:, :p], patches], dim=1)  # (B, P + N, Dd)
+        x = self.decoder_blocks[:-1](x)
+        x = block_tail(self.decoder_blocks[-1], x, p + k)  # (B, N - K, Dd): the masked tokens
+        return self.decoder_pred(self.decoder_norm(x))  # (B, N - K, p*p*3)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss = MSE on masked patches; also the (detached) loss on visible patches and the mask ratio."""
+        """Loss = MSE on the masked patches (the mean over their pixels, then over the masked patches).
+
+        The decoder predicts the masked patches only (`decode_masked`): MAE's and Hugging Face's loss, with
+        the visible patches' predictions, which the loss ignores, not computed.
+        """
         images = batch["pixel_values"]  # (B, 3, H, W)
-        latent, ids_restore, mask = self.encode(images, batch.get("noise"))
-        pred = self.decode(latent, ids_restore).float()  # (B, N, p*p*3); loss in fp32 under autocast
-        per_patch = (pred - self.target(images)).pow(2).mean(dim=-1)  # (B, N)
-        mask = mask.float()
-        loss = (per_patch * mask).sum() / mask.sum()
-        visible = 1.0 - mask
-        loss_visible = (per_patch.detach() * visible).sum() / visible.sum().clamp_min(1.0)
-        return {"loss": loss, "loss_visible": loss_visible, "mask_ratio": mask.mean().detach()}
+        b = images.shape[0]
+        noise = batch.get("noise")
+        noise = self.make_noise(b, images.device) if noise is None else self._check_noise(noise, b).to(images.device)
+        ids_shuffle = torch.argsort(noise, dim=1)  # (B, N): random_masking's order, the first K visible
+        ids_keep, ids_masked = ids_shuffle[:, : self.num_keep], ids_shuffle[:, self.num_keep :]
+        latent = self.backbone.forward_features(images, ids_keep)  # (B, P + K, D)
+        pred = self.decode_masked(latent, ids_shuffle).float()  # (B, N - K, p*p*3); fp32 loss under autocast
+        target = gather_tokens(self.target(images), ids_masked)  # (B, N - K, p*p*3)
+        loss = (pred - target).pow(2).mean()
+        mask_ratio = torch.tensor((self.num_patches - self.num_keep) / self.num_patches, device=images.device)
+        return {"loss": loss, "mask_ratio": mask_ratio}
 
     # -- pictures ------------------------------------------------------------------------------
 

@@ -7,11 +7,13 @@ import copy
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import Block
 
 from ssl_vit.models import (
     UnknownModelError,
     WeightsMismatchError,
     adapt_state_dict,
+    block_tail,
     create_backbone,
     create_model,
     list_backbones,
@@ -261,3 +263,20 @@ def test_backbone__training_step_on_onednn_equals_plain_pytorch(monkeypatch):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.1, "qk_norm": True}], ids=["plain", "layerscale_qknorm"])
+def test_block_tail__equals_timms_block_output_and_gradients_for_the_tail_tokens(kwargs):
+    torch.manual_seed(0)
+    block = Block(32, 4, qkv_bias=True, **kwargs)
+    twin = copy.deepcopy(block)
+    x = torch.randn(3, 11, 32, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_(True)
+    out, expected = block_tail(block, x, 4), twin(x_twin)[:, 4:]  # timm's whole block, sliced
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

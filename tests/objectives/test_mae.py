@@ -66,12 +66,36 @@ def test_mae_encoder__sees_only_the_class_token_and_visible_patches(ratio, keep)
     assert seen == [(3, 1 + keep, 64)]
 
 
-def test_mae_forward__returns_loss_detached_visible_loss_and_the_mask_ratio():
+def test_mae_forward__returns_the_loss_and_the_mask_ratio():
     out = tiny_mae()(batch())
-    assert set(out) == {"loss", "loss_visible", "mask_ratio"}
+    assert set(out) == {"loss", "mask_ratio"}
     assert out["loss"].ndim == 0 and out["loss"].requires_grad and torch.isfinite(out["loss"])
-    assert not out["loss_visible"].requires_grad
     assert out["mask_ratio"].item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("ratio,keep", [(0.75, 4), (0.5, 8)])
+def test_mae_forward__decoder_tail_runs_for_the_masked_patches_only(ratio, keep):
+    """The last decoder block's MLP, the norm and the pixel head see the N - K masked tokens; the rest
+    of the decoder every token."""
+    mae = tiny_mae(mask_ratio=ratio, decoder_depth=2)
+    seen = {}
+    for name in ("decoder_blocks.0.mlp", "decoder_blocks.1.mlp", "decoder_pred"):
+        mae.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[0].shape}))
+    mae(batch(b=3))
+    assert seen == {
+        "decoder_blocks.0.mlp": (3, 1 + N, 32), "decoder_blocks.1.mlp": (3, N - keep, 32), "decoder_pred": (3, N - keep, 32)
+    }
+
+
+def test_mae_forward__loss_is_the_masked_mean_of_the_full_reconstruction():
+    """MAE's forward_loss (models_mae.py) on `decode`'s prediction of every patch in patch order."""
+    mae = tiny_mae(decoder_depth=2)
+    x = batch(seed=4)
+    latent, ids_restore, mask = mae.encode(x["pixel_values"], x["noise"])
+    pred = mae.decode(latent, ids_restore)  # (B, N, p*p*3)
+    per_patch = ((pred - mae.target(x["pixel_values"])) ** 2).mean(dim=-1)  # (B, N)
+    expected = (per_patch * mask).sum() / mask.sum()
+    torch.testing.assert_close(mae(x)["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mae_forward__same_noise_same_loss_and_other_noise_another_loss():
