@@ -213,6 +213,9 @@ class Trainer:
         else:
             self.model, self.optimizer, self.train_loader = acc.prepare(objective, optimizer, train_loader)
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+        # The plain module: its state_dict keys carry no DDP `module.` or torch.compile `_orig_mod.`. Looked up
+        # once: unwrapping walks every submodule, which the per-step hooks would otherwise pay each step.
+        self._unwrapped = acc.unwrap_model(self.model, keep_torch_compile=False)
         self.ema = EMA(self.unwrapped, self.tc.ema_decay) if self.tc.ema else None
 
         try:
@@ -252,8 +255,8 @@ class Trainer:
 
     @property
     def unwrapped(self) -> nn.Module:
-        # The plain module: its state_dict keys carry no DDP `module.` or torch.compile `_orig_mod.`.
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        """The objective without DDP's or torch.compile's wrapper (the same module object the run trains)."""
+        return self._unwrapped
 
     def lr_at(self, step: int) -> float:
         return cosine_schedule(
@@ -673,6 +676,8 @@ class Trainer:
                 g["weight_decay"] = self._wd * g.get("wd_scale", 1.0)
         if self.tc.clip_mode == "per_tensor":
             grad_norm = self._clip_each_gradient()
+        elif self._max_norm == math.inf and not self.fsdp:
+            grad_norm = self._gradient_norm()  # nothing to clip: the norm alone, for the guard and the log
         else:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self._max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -713,6 +718,15 @@ class Trainer:
                 self.ema.update(self.unwrapped)
             self.window.keep_step(None if norm_bad else grad_norm)
         self._end_optimizer_step()
+
+    @torch.no_grad()
+    def _gradient_norm(self) -> torch.Tensor:
+        """The global gradient norm, as clip_grad_norm_ returns it, without its (x1) rescaling pass."""
+        self.accelerator.unscale_gradients()  # fp16: the norm without the loss scale, as clip_grad_norm_'s
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.accelerator.device)
+        return torch.nn.utils.get_total_norm(grads)
 
     @torch.no_grad()
     def _clip_each_gradient(self) -> torch.Tensor:

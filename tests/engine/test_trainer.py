@@ -271,6 +271,23 @@ def test_clip_mode_per_tensor__clips_each_gradient_as_dino_and_reports_the_globa
     assert not all(torch.allclose(g, q.grad) for g, q in zip(global_grads, reference.parameters()))
 
 
+def test_no_clip_grad__gradient_norm_is_clip_grad_norm_s_and_gradients_stay_untouched(tmp_path):
+    """Without train.clip_grad the step takes the norm alone (no x1 rescaling pass): the value torch's
+    clip_grad_norm_ returns, every gradient bit-identical."""
+    trainer = Trainer(toy_config(tmp_path), toy_objective(), toy_loader())
+    torch.manual_seed(1)
+    for i, p in enumerate(trainer.model.parameters()):
+        p.grad = torch.randn_like(p) * 10.0 ** (i % 5 - 4)
+    before = [p.grad.clone() for p in trainer.model.parameters()]
+    reference = copy.deepcopy(trainer.model)  # (a deep copy leaves the gradients behind)
+    for q, g in zip(reference.parameters(), before):
+        q.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+    assert trainer._gradient_norm().item() == pytest.approx(expected.item(), rel=1e-6)
+    for (name, p), g in zip(trainer.model.named_parameters(), before):
+        assert torch.equal(p.grad, g), name
+
+
 def test_clip_mode_per_tensor__needs_clip_grad(tmp_path):
     cfg = toy_config(tmp_path, clip_mode="per_tensor")
     with pytest.raises(ConfigError, match="train.clip_mode=per_tensor .* set train.clip_grad"):
