@@ -202,7 +202,7 @@ class MAE(nn.Module):
         p = self.num_prefix_tokens
         x = self.decoder_embed(latent)  # (B, P + K, Dd)
         b, k = x.shape[0], x.shape[1] - p
-        pos = self.decoder_pos_embed.to(x.dtype)  # (1, P + N, Dd)
+        pos = self.decoder_pos_embed  # (1, P + N, Dd)
         mask_tokens = self.mask_token.to(x.dtype).expand(b, self.num_patches - k, -1)  # (B, N - K, Dd)
         patches = torch.cat([x[:, p:], mask_tokens], dim=1)  # (B, N, Dd), shuffled order
         patches = patches + gather_tokens(pos[:, p:].expand(b, -1, -1), ids_shuffle)  # each its position
@@ -227,7 +227,7 @@ class MAE(nn.Module):
         pred = self.decode_masked(latent, ids_shuffle).float()  # (B, N - K, p*p*3); fp32 loss under autocast
         target = gather_tokens(self.target(images), ids_masked)  # (B, N - K, p*p*3)
         loss = (pred - target).pow(2).mean()
-        mask_ratio = torch.tensor((self.num_patches - self.num_keep) / self.num_patches, device=images.device)
+        mask_ratio = torch.full((), (self.num_patches - self.num_keep) / self.num_patches, device=images.device)
         return {"loss": loss, "mask_ratio": mask_ratio}
 
     # -- pictures ------------------------------------------------------------------------------
