@@ -12,7 +12,7 @@ from ssl_vit.models.vit import (
     ViT,
     WeightsMismatchError,
     adapt_state_dict,
-    block_tail,
+    block_queries,
     load_weights,
     sincos_pos_embed_2d,
 )
@@ -23,7 +23,7 @@ __all__ = [
     "ViT",
     "WeightsMismatchError",
     "adapt_state_dict",
-    "block_tail",
+    "block_queries",
     "create_backbone",
     "create_model",
     "list_backbones",

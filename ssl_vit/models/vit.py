@@ -11,8 +11,8 @@ Additions over timm, all key-compatible with timm's state dicts:
 - `dynamic_img_size=True` as in timm: inputs of any size divisible by the patch size (DINO's local
   crops), position embeddings resampled to each input's patch grid;
 - its linear layers take oneDNN's CPU path where that measures faster (`ssl_vit.ops.linear`);
-- `block_tail(block, x, start)`: a timm Block's output for the tokens from `start` on only (MAE's decoder
-  needs its last block for the masked tokens alone).
+- `block_queries(block, x, queries)`: a timm Block's output for some tokens only: the classifier reads
+  the class (and distillation) token of the last block, MAE's decoder its masked tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ssl_vit.ops.linear import use_onednn_linears
@@ -32,7 +33,7 @@ __all__ = [
     "ViT",
     "WeightsMismatchError",
     "adapt_state_dict",
-    "block_tail",
+    "block_queries",
     "dino_interpolate_pos_embed",
     "load_weights",
     "sincos_pos_embed_2d",
@@ -82,27 +83,27 @@ def dino_interpolate_pos_embed(
     return torch.cat([prefix, patches], dim=1)
 
 
-def block_tail(block: Block, x: torch.Tensor, start: int) -> torch.Tensor:
-    """`block(x)[:, start:]` for a timm `Block`, computing only what those tokens need.
+def block_queries(block: Block, x: torch.Tensor, queries: slice) -> torch.Tensor:
+    """`block(x)[:, queries]` for a timm `Block`, computing only what those tokens need.
 
     Every token's keys and values still enter the attention; the queries, the output projection, the
-    residuals and the MLP run for tokens `start:` only. (B, N, C) -> (B, N - start, C). Blocks with a
+    residuals and the MLP run for tokens `x[:, queries]` only. (B, N, C) -> (B, M, C). Blocks with a
     gated attention (not ViT's) take the plain forward and slice.
     """
     attn = block.attn
     if type(block) is not Block or getattr(attn, "gate", None) is not None:
-        return block(x)[:, start:]
+        return block(x)[:, queries]
     b, n, _ = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
-    q, k = attn.q_norm(q[:, :, start:]), attn.k_norm(k)  # queries (B, H, N - start, hd)
+    q, k = attn.q_norm(q[:, :, queries]), attn.k_norm(k)  # queries (B, H, M, hd)
     drop = attn.attn_drop.p if block.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, H, N - start, hd)
-    out = out.transpose(1, 2).reshape(b, n - start, -1)  # (B, N - start, H * hd)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, H, M, hd)
+    out = out.transpose(1, 2).flatten(2)  # (B, M, H * hd)
     if getattr(attn, "norm", None) is not None:  # newer timm's optional norm before the projection
         out = attn.norm(out)
     out = attn.proj_drop(attn.proj(out))
-    x = x[:, start:] + block.drop_path1(block.ls1(out))  # (B, N - start, C)
+    x = x[:, queries] + block.drop_path1(block.ls1(out))  # (B, M, C)
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
@@ -254,16 +255,23 @@ class ViT(VisionTransformer):
                 )
             if mask_token.shape != (1, 1, self.embed_dim):
                 raise ValueError(f"mask_token must have shape (1, 1, {self.embed_dim}), got {tuple(mask_token.shape)}.")
-        x = self._embed(x, ids_keep, mask, mask_token)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models._manipulate import checkpoint_seq
+        x = self.norm_pre(self.patch_drop(self._embed(x, ids_keep, mask, mask_token)))
+        return self.norm(self._run_blocks(self.blocks, x))
 
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The prefix tokens' features after the final norm: (B, 3, H, W) -> (B, P, D).
+
+        `forward_features(x)[:, :P]`, with the last block computing queries, projection and MLP for the P
+        class / distillation tokens only (`block_queries`): what a token-pooled classifier reads.
+        """
+        x = self.norm_pre(self.patch_drop(self._embed(x, None)))
+        x = self._run_blocks(self.blocks[:-1], x)
+        return self.norm(block_queries(self.blocks[-1], x, slice(0, self.num_prefix_tokens)))
+
+    def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(blocks, x)
+        return blocks(x)
 
     def forward_distill_heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class-head logits, distillation-head logits) of a distilled backbone."""
@@ -283,6 +291,9 @@ class ViT(VisionTransformer):
         return (logits + logits_dist) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits; a class-token classifier (global_pool="token") computes the last block for the prefix tokens only."""
+        if self.global_pool == "token" and getattr(self, "attn_pool", None) is None and self.num_prefix_tokens:
+            return self.forward_head(self.forward_prefix(x))
         return self.forward_head(self.forward_features(x))
 
 

@@ -163,7 +163,7 @@ class DeiTDistillation(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["pixel_values"], require_labels(batch, "deit")
         images, targets, mixed = self.mix(images, labels)  # teacher and student see the same images
-        feats = self.backbone.forward_features(images)  # (B, 2 + N, D)
+        feats = self.backbone.forward_prefix(images)  # (B, 2, D): class and distillation tokens
         cls_logits, dist_logits = self.backbone.forward_distill_heads(feats)  # (B, C) each
         loss_cls = soft_target_cross_entropy(cls_logits, targets)
         out: dict[str, torch.Tensor] = {}

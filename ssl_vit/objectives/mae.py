@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from ssl_vit.models import block_tail, sincos_pos_embed_2d
+from ssl_vit.models import block_queries, sincos_pos_embed_2d
 from ssl_vit.ops.linear import use_onednn_linears
 from ssl_vit.objectives import register_objective
 from ssl_vit.objectives.masking import gather_tokens, num_visible, patchify, random_masking
@@ -208,7 +208,7 @@ class MAE(nn.Module):
         patches = patches + gather_tokens(pos[:, p:].expand(b, -1, -1), ids_shuffle)  # each its position
         x = torch.cat([x[:, :p] + pos[:, :p], patches], dim=1)  # (B, P + N, Dd)
         x = self.decoder_blocks[:-1](x)
-        x = block_tail(self.decoder_blocks[-1], x, p + k)  # (B, N - K, Dd): the masked tokens
+        x = block_queries(self.decoder_blocks[-1], x, slice(p + k, None))  # (B, N - K, Dd): the masked tokens
         return self.decoder_pred(self.decoder_norm(x))  # (B, N - K, p*p*3)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from ssl_vit.models import (
     UnknownModelError,
     WeightsMismatchError,
     adapt_state_dict,
-    block_tail,
+    block_queries,
     create_backbone,
     create_model,
     list_backbones,
@@ -265,14 +265,15 @@ def test_backbone__training_step_on_onednn_equals_plain_pytorch(monkeypatch):
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("queries", [slice(4, None), slice(0, 2)], ids=["tail", "prefix"])
 @pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.1, "qk_norm": True}], ids=["plain", "layerscale_qknorm"])
-def test_block_tail__equals_timms_block_output_and_gradients_for_the_tail_tokens(kwargs):
+def test_block_queries__equals_timms_block_output_and_gradients_for_those_tokens(kwargs, queries):
     torch.manual_seed(0)
     block = Block(32, 4, qkv_bias=True, **kwargs)
     twin = copy.deepcopy(block)
     x = torch.randn(3, 11, 32, requires_grad=True)
     x_twin = x.detach().clone().requires_grad_(True)
-    out, expected = block_tail(block, x, 4), twin(x_twin)[:, 4:]  # timm's whole block, sliced
+    out, expected = block_queries(block, x, queries), twin(x_twin)[:, queries]  # timm's whole block, sliced
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -280,3 +281,26 @@ def test_block_tail__equals_timms_block_output_and_gradients_for_the_tail_tokens
     torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(block.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name,prefix", [("vit_nano_patch4_32", 1), ("deit_tiny_distilled_patch16_224", 2)])
+def test_token_classifier__last_block_runs_the_prefix_tokens_only_with_timms_logits_and_gradients(name, prefix):
+    torch.manual_seed(0)
+    kwargs = {"depth": 2, "img_size": 32, "patch_size": 8} if "deit" in name else {"depth": 2}
+    model = create_backbone(name, **kwargs).train()
+    twin = _timm_twin(model).train()
+    twin.load_state_dict(model.state_dict(), strict=True)
+    seen = []
+    model.blocks[-1].mlp.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    x = torch.randn(3, 3, 32, 32)
+    out, expected = model(x), twin(x)
+    assert seen == [(3, prefix, model.embed_dim)]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    twin_grads = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        if p.grad is not None or twin_grads[n].grad is not None:  # fp32 rounding: 1e-5 of the gradient's scale
+            scale = twin_grads[n].grad.abs().max().item()
+            torch.testing.assert_close(p.grad, twin_grads[n].grad, rtol=1e-4, atol=1e-5 * scale, msg=n)

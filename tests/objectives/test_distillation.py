@@ -52,7 +52,7 @@ class FixedStudent(nn.Module):
         self.register_buffer("dist_logits", dist_logits)
         self.seen: torch.Tensor | None = None
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
         self.seen = x
         return x
 
