@@ -290,11 +290,19 @@ class ViT(VisionTransformer):
         logits, logits_dist = self.forward_distill_heads(feats)
         return (logits + logits_dist) / 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits; a class-token classifier (global_pool="token") computes the last block for the prefix tokens only."""
+    def _head_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """What `forward_head` reads: the prefix tokens alone for class-token pooling, else every token."""
         if self.global_pool == "token" and getattr(self, "attn_pool", None) is None and self.num_prefix_tokens:
-            return self.forward_head(self.forward_prefix(x))
-        return self.forward_head(self.forward_features(x))
+            return self.forward_prefix(x)
+        return self.forward_features(x)
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's `forward_head(forward_features(x), pre_logits=True)`: the pooled features (B, D)."""
+        return self.forward_head(self._head_tokens(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C); a class-token classifier computes the last block for the prefix tokens only."""
+        return self.forward_head(self._head_tokens(x))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -347,13 +347,13 @@ class DINO(nn.Module):
 
     def student(self, crops: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """Class tokens of each group of same-size crops through the backbone, then the head: (sum N, K)."""
-        tokens = [self.backbone.forward_features(torch.cat(list(group)))[:, 0] for group in crops if len(group)]
+        tokens = [self.backbone.forward_prefix(torch.cat(list(group)))[:, 0] for group in crops if len(group)]
         return self.head(torch.cat(tokens))  # MultiCropWrapper: one backbone pass per crop size, one head pass
 
     @torch.no_grad()
     def teacher_forward(self, global_crops: Sequence[torch.Tensor]) -> torch.Tensor:
         """(2B, K) teacher outputs of the global crops."""
-        return self.teacher["head"](self.teacher["backbone"].forward_features(torch.cat(list(global_crops)))[:, 0])
+        return self.teacher["head"](self.teacher["backbone"].forward_prefix(torch.cat(list(global_crops)))[:, 0])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss over every (global teacher view, other student view) pair; also the teacher's temperature and entropy."""

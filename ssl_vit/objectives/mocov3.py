@@ -382,7 +382,7 @@ class MoCoV3(nn.Module):
     def _encode(backbone: nn.Module, projector: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Projections of each view: the ViT sees both views in one batch (its norms are per sample),
         the projector each view alone (its BatchNorm statistics are per view, as the official code's)."""
-        feats = backbone.forward_head(backbone.forward_features(torch.cat(views)), pre_logits=True)  # (2B, D)
+        feats = backbone.forward_pooled(torch.cat(views))  # (2B, D)
         return [projector(f) for f in feats.chunk(len(views))]  # 2 x (B, out_dim)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

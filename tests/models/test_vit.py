@@ -296,6 +296,10 @@ def test_token_classifier__last_block_runs_the_prefix_tokens_only_with_timms_log
     out, expected = model(x), twin(x)
     assert seen == [(3, prefix, model.embed_dim)]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the pooled features (MoCo v3's) and the class token (DINO's)
+        pooled = twin.forward_head(twin.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(model.forward_pooled(x), pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.forward_prefix(x), twin.forward_features(x)[:, :prefix], rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
