@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -87,11 +88,13 @@ def block_queries(block: Block, x: torch.Tensor, queries: slice) -> torch.Tensor
     """`block(x)[:, queries]` for a timm `Block`, computing only what those tokens need.
 
     Every token's keys and values still enter the attention; the queries, the output projection, the
-    residuals and the MLP run for tokens `x[:, queries]` only. (B, N, C) -> (B, M, C). Blocks with a
-    gated attention (not ViT's) take the plain forward and slice.
+    residuals and the MLP run for tokens `x[:, queries]` only. (B, N, C) -> (B, M, C). A block that must
+    be called as a module takes the plain forward and slices: one with forward hooks (FSDP2's `fully_shard`
+    gathers its weights in them; a user's feature hooks) or of another class (a gated attention).
     """
     attn = block.attn
-    if type(block) is not Block or getattr(attn, "gate", None) is not None:
+    hooked = bool(block._forward_pre_hooks or block._forward_hooks)
+    if hooked or type(block) is not Block or getattr(attn, "gate", None) is not None:
         return block(x)[:, queries]
     b, n, _ = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -266,7 +269,10 @@ class ViT(VisionTransformer):
         """
         x = self.norm_pre(self.patch_drop(self._embed(x, None)))
         x = self._run_blocks(self.blocks[:-1], x)
-        return self.norm(block_queries(self.blocks[-1], x, slice(0, self.num_prefix_tokens)))
+        last, prefix = self.blocks[-1], slice(0, self.num_prefix_tokens)
+        if self.grad_checkpointing and not torch.jit.is_scripting():  # the last block checkpointed too
+            return self.norm(torch.utils.checkpoint.checkpoint(block_queries, last, x, prefix, use_reentrant=False))
+        return self.norm(block_queries(last, x, prefix))
 
     def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():

@@ -43,10 +43,12 @@ RESUMED_AT = 3
 # FSDP against DDP: the same data, masks and updates; only the float32 rounding of the gradient reduction
 # differs (reduce-scatter of shards against an all-reduce, predivided differently; the clipping norm summed
 # shard by shard). Measured after 8 steps: MAE bit for bit equal, DeiT max |diff| 3.6e-12 (one tensor).
-# 1e-6 leaves room for other CPUs' kernels and still fails a step missed, repeated or applied to the wrong
+# 3e-6 leaves room for other CPUs' kernels and still fails a step missed, repeated or applied to the wrong
 # shard: an AdamW step moves a weight by about its lr, here 0.8e-5 to 4.7e-5 (blr x 8 images / 256 after
-# a 4-step warm-up; blr 1.5e-3 MAE, 1e-3 DeiT).
-DDP_ATOL = 1e-6
+# a 4-step warm-up; blr 1.5e-3 MAE, 1e-3 DeiT). The two runs round differently: under FSDP the wrapped
+# last block computes every token and is sliced (`block_queries` falls back), under DDP only the tokens
+# read (measured 1.5e-6 apart after the MAE resume).
+DDP_ATOL = 3e-6
 
 
 def recipe(objective: str) -> str:

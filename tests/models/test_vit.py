@@ -308,3 +308,14 @@ def test_token_classifier__last_block_runs_the_prefix_tokens_only_with_timms_log
         if p.grad is not None or twin_grads[n].grad is not None:  # fp32 rounding: 1e-5 of the gradient's scale
             scale = twin_grads[n].grad.abs().max().item()
             torch.testing.assert_close(p.grad, twin_grads[n].grad, rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+def test_block_queries__a_hooked_block_is_called_as_a_module_so_its_hooks_fire():
+    """FSDP2 gathers a wrapped block's weights in its forward hooks; a user's feature hook sees every token."""
+    torch.manual_seed(0)
+    block, seen = Block(32, 4), []
+    block.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    x = torch.randn(2, 9, 32)
+    out = block_queries(block, x, slice(0, 1))
+    assert seen == [(2, 9, 32)]
+    torch.testing.assert_close(out, block(x)[:, :1])

@@ -173,6 +173,14 @@ def test_dino_recipe__two_processes_end_with_one_process_weights_at_the_same_glo
     # AdamW's normalised steps carry over 12 steps (measured: at most 5e-8 apart). Without the centre's
     # all-reduce (each process's centre from its own 4 images) the centre is 6e-3 apart and the student
     # 5e-5: far outside this tolerance.
+    # The one exception: the key third of each qkv bias. Softmax ignores a shift shared by every key, so its
+    # true gradient is 0 and what it gets is rounding noise, which AdamW's normalised steps turn into moves
+    # of up to the lr (here ~1e-6 apart after 12 steps, since the class-token classifier's last block
+    # computes its queries alone: other GEMM shapes, other rounding).
     for key in a:
+        if key.endswith("attn.qkv.bias"):
+            d = a[key].numel() // 3
+            torch.testing.assert_close(b[key][d : 2 * d], a[key][d : 2 * d], rtol=0, atol=1e-5, msg=key)
+            b[key][d : 2 * d] = a[key][d : 2 * d]
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     assert a["center"].abs().max() > 1e-3
