@@ -18,12 +18,13 @@ Additions over timm, all key-compatible with timm's state dicts:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -268,16 +269,16 @@ class ViT(VisionTransformer):
         class / distillation tokens only (`block_queries`): what a token-pooled classifier reads.
         """
         x = self.norm_pre(self.patch_drop(self._embed(x, None)))
-        x = self._run_blocks(self.blocks[:-1], x)
-        last, prefix = self.blocks[-1], slice(0, self.num_prefix_tokens)
-        if self.grad_checkpointing and not torch.jit.is_scripting():  # the last block checkpointed too
-            return self.norm(torch.utils.checkpoint.checkpoint(block_queries, last, x, prefix, use_reentrant=False))
-        return self.norm(block_queries(last, x, prefix))
+        last = partial(block_queries, self.blocks[-1], queries=slice(0, self.num_prefix_tokens))
+        return self.norm(self._run_blocks([*self.blocks[:-1], last], x))
 
-    def _run_blocks(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, blocks: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+        """The blocks in turn; one checkpointed segment each under grad checkpointing (timm's `checkpoint_seq`)."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(blocks, x)
-        return blocks(x)
+        for block in blocks:
+            x = block(x)
+        return x
 
     def forward_distill_heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class-head logits, distillation-head logits) of a distilled backbone."""

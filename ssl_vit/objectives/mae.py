@@ -149,13 +149,17 @@ class MAE(nn.Module):
         """Uniform masking noise: (B, N)."""
         return torch.rand(batch_size, self.num_patches, device=device, generator=generator)
 
-    def _check_noise(self, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
-        if noise.shape != (batch_size, self.num_patches):
+    def _noise(self, images: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The batch's masking noise on the images' device: fresh uniform noise when None, else checked (B, N)."""
+        b = images.shape[0]
+        if noise is None:
+            return self.make_noise(b, images.device)
+        if noise.shape != (b, self.num_patches):
             raise ValueError(
-                f"batch['noise'] must have shape (batch, num_patches) = ({batch_size}, {self.num_patches}), "
+                f"batch['noise'] must have shape (batch, num_patches) = ({b}, {self.num_patches}), "
                 f"got {tuple(noise.shape)}."
             )
-        return noise
+        return noise.to(images.device)
 
     def encode(
         self, images: torch.Tensor, noise: torch.Tensor | None = None
@@ -165,23 +169,31 @@ class MAE(nn.Module):
         Args: images (B, 3, H, W); noise (B, N) or None (fresh uniform noise).
         Returns: latent (B, P + K, D) after the backbone's final norm, ids_restore (B, N), mask (B, N) 1=masked.
         """
-        b = images.shape[0]
-        noise = self.make_noise(b, images.device) if noise is None else self._check_noise(noise, b)
-        ids_keep, ids_restore, mask = random_masking(noise.to(images.device), self.num_keep)
+        ids_keep, ids_restore, mask = random_masking(self._noise(images, noise), self.num_keep)
         latent = self.backbone.forward_features(images, ids_keep)  # (B, P + K, D)
         return latent, ids_restore, mask
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Predict every patch's pixels: latent (B, P + K, D), ids_restore (B, N) -> (B, N, p*p*3)."""
+    def _decoder_tokens(self, latent: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
+        """The decoder's input in shuffled order [prefix, visible, masked]: latent (B, P + K, D) -> (B, P + N, Dd).
+
+        Each token carries its own patch's position embedding, so the blocks (which see positions only
+        through them) give every patch the prediction they would give it in patch order.
+        """
         p = self.num_prefix_tokens
         x = self.decoder_embed(latent)  # (B, P + K, Dd)
-        b, n = ids_restore.shape
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, n - (x.shape[1] - p), -1)  # (B, N - K, Dd)
+        b, k = x.shape[0], x.shape[1] - p
+        pos = self.decoder_pos_embed  # (1, P + N, Dd)
+        mask_tokens = self.mask_token.to(x.dtype).expand(b, self.num_patches - k, -1)  # (B, N - K, Dd)
         patches = torch.cat([x[:, p:], mask_tokens], dim=1)  # (B, N, Dd), shuffled order
-        patches = gather_tokens(patches, ids_restore)  # (B, N, Dd), patch order
-        x = torch.cat([x[:, :p], patches], dim=1) + self.decoder_pos_embed  # (B, P + N, Dd)
-        x = self.decoder_norm(self.decoder_blocks(x))
-        return self.decoder_pred(x)[:, p:]  # (B, N, p*p*3): prefix tokens predict nothing
+        patches = patches + gather_tokens(pos[:, p:].expand(b, -1, -1), ids_shuffle)  # each its position
+        return torch.cat([x[:, :p] + pos[:, :p], patches], dim=1)  # (B, P + N, Dd)
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Predict every patch's pixels: latent (B, P + K, D), ids_restore (B, N) -> (B, N, p*p*3), patch order."""
+        ids_shuffle = torch.argsort(ids_restore, dim=1)  # (B, N): the inverse permutation
+        x = self.decoder_norm(self.decoder_blocks(self._decoder_tokens(latent, ids_shuffle)))
+        pred = self.decoder_pred(x)[:, self.num_prefix_tokens :]  # (B, N, p*p*3), shuffled order
+        return gather_tokens(pred, ids_restore)  # prefix tokens predict nothing
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """What the decoder regresses: (B, 3, H, W) -> (B, N, p*p*3), per-patch normalised if norm_pix_loss."""
@@ -195,20 +207,12 @@ class MAE(nn.Module):
     def decode_masked(self, latent: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         """Predict the masked patches only: latent (B, P + K, D), ids_shuffle (B, N) -> (B, N - K, p*p*3).
 
-        The same predictions as `decode` (which unshuffles the tokens into patch order first): the tokens
-        stay in shuffled order [prefix, visible, masked], each with its own patch's position embedding,
-        and the last decoder block, the norm and the pixel head run for the masked tokens alone.
+        `decode`'s predictions of the masked patches, in shuffled order: the last decoder block, the norm and
+        the pixel head run for the masked tokens alone.
         """
-        p = self.num_prefix_tokens
-        x = self.decoder_embed(latent)  # (B, P + K, Dd)
-        b, k = x.shape[0], x.shape[1] - p
-        pos = self.decoder_pos_embed  # (1, P + N, Dd)
-        mask_tokens = self.mask_token.to(x.dtype).expand(b, self.num_patches - k, -1)  # (B, N - K, Dd)
-        patches = torch.cat([x[:, p:], mask_tokens], dim=1)  # (B, N, Dd), shuffled order
-        patches = patches + gather_tokens(pos[:, p:].expand(b, -1, -1), ids_shuffle)  # each its position
-        x = torch.cat([x[:, :p] + pos[:, :p], patches], dim=1)  # (B, P + N, Dd)
+        x = self._decoder_tokens(latent, ids_shuffle)  # (B, P + N, Dd)
         x = self.decoder_blocks[:-1](x)
-        x = block_queries(self.decoder_blocks[-1], x, slice(p + k, None))  # (B, N - K, Dd): the masked tokens
+        x = block_queries(self.decoder_blocks[-1], x, slice(latent.shape[1], None))  # (B, N - K, Dd): the masked
         return self.decoder_pred(self.decoder_norm(x))  # (B, N - K, p*p*3)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,10 +222,7 @@ class MAE(nn.Module):
         the visible patches' predictions, which the loss ignores, not computed.
         """
         images = batch["pixel_values"]  # (B, 3, H, W)
-        b = images.shape[0]
-        noise = batch.get("noise")
-        noise = self.make_noise(b, images.device) if noise is None else self._check_noise(noise, b).to(images.device)
-        ids_shuffle = torch.argsort(noise, dim=1)  # (B, N): random_masking's order, the first K visible
+        ids_shuffle = torch.argsort(self._noise(images, batch.get("noise")), dim=1)  # (B, N): random_masking's order
         ids_keep, ids_masked = ids_shuffle[:, : self.num_keep], ids_shuffle[:, self.num_keep :]
         latent = self.backbone.forward_features(images, ids_keep)  # (B, P + K, D)
         pred = self.decode_masked(latent, ids_shuffle).float()  # (B, N - K, p*p*3); fp32 loss under autocast
